@@ -1,0 +1,43 @@
+"""flash-sparse-attn: trainable dense, sparse and gated attention in Triton.
+
+Loaded with `kernels.get_kernel("<org>/flash-sparse-attn", version=1)` or, after
+`pip install .`, with `import flash_sparse_attn`.
+"""
+
+from . import layers, reference
+from .interface import (
+    flash_dense_attn_func,
+    flash_dense_attn_varlen_func,
+    flash_dense_attn_varlen_with_kvcache_func,
+    flash_dense_attn_with_kvcache_func,
+    flash_gated_attn_func,
+    flash_gated_attn_varlen_func,
+    flash_gated_attn_varlen_with_kvcache_func,
+    flash_gated_attn_with_kvcache_func,
+    flash_sparse_attn_func,
+    flash_sparse_attn_varlen_func,
+    flash_sparse_attn_varlen_with_kvcache_func,
+    flash_sparse_attn_with_kvcache_func,
+)
+from .reference import window_sizes_heuristic
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "flash_dense_attn_func",
+    "flash_sparse_attn_func",
+    "flash_gated_attn_func",
+    "flash_dense_attn_varlen_func",
+    "flash_sparse_attn_varlen_func",
+    "flash_gated_attn_varlen_func",
+    "flash_dense_attn_with_kvcache_func",
+    "flash_sparse_attn_with_kvcache_func",
+    "flash_gated_attn_with_kvcache_func",
+    "flash_dense_attn_varlen_with_kvcache_func",
+    "flash_sparse_attn_varlen_with_kvcache_func",
+    "flash_gated_attn_varlen_with_kvcache_func",
+    "window_sizes_heuristic",
+    "layers",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,388 @@
+"""The twelve public functions (names and keywords of upstream flash-sparse-attn 2.0.6).
+
+Each entry point: validate (one function per entry point, `validate.py`), resolve defaults,
+call the registered op (`ops.py`). Nothing here launches a kernel directly, so every function
+traces under `torch.compile(fullgraph=True)`.
+
+Tuning hints of upstream (`is_split_kv`, `is_split_qo`, `pack_gqa`, `is_autotune`, `tile_mn`,
+`skip_checks`) are accepted; they never change results. `skip_checks=True` skips only the
+checks that read tensor values (cu_seqlens monotonicity, page-table and gather-index bounds);
+the kernels stay in bounds regardless.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import ops, validate
+from .reference import window_sizes_heuristic
+
+Tensor = torch.Tensor
+Out = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+def _scale(softmax_scale, head_dim):
+    return float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+
+
+def _default_windows(window_sizes, is_local, seqlen_k, num_kv_heads, device):
+    if window_sizes is not None or not is_local:
+        return window_sizes
+    return window_sizes_heuristic(seqlen_k, num_kv_heads, device)
+
+
+def _finish(res_out, res_lse, out, lse, return_lse):
+    if out is not None:
+        out.copy_(res_out)
+        res_out = out
+    if lse is not None:
+        lse.copy_(res_lse)
+        res_lse = lse
+    return (res_out, res_lse) if return_lse else res_out
+
+
+def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+               max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes, is_local,
+               softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out, lse,
+               return_lse, deterministic):
+    is_varlen = cu_seqlens_q is not None
+    num_kv_heads = key.shape[-2]
+    if not is_varlen:
+        max_seqlen_q, max_seqlen_k = query.shape[1], key.shape[1]
+    window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, num_kv_heads,
+                                    query.device)
+    if alpha is not None and gate_threshold is None:
+        gate_threshold = 1.0 / max(int(max_seqlen_k), 1)
+    o, l, _ = ops.attn_fwd(
+        query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
+        int(max_seqlen_q), int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
+        bool(is_causal), float(softmax_threshold or 0.0), float(gate_threshold or 0.0),
+        bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
+    )
+    return _finish(o, l, out, lse, return_lse)
+
+
+def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused_k, page_table,
+            gather_kv_indices, k_new, v_new, delta_new, softmax_scale, window_sizes, is_local,
+            softmax_threshold, gate_threshold, is_logsigmoid_gate, num_splits, out, lse,
+            return_lse):
+    if k_new is not None:
+        ops.kv_append(key, value, delta, k_new, v_new, delta_new, page_table, cu_seqlens_k,
+                      seqused_k)
+        seqused_k = seqused_k + 1
+    if cu_seqlens_k is None:
+        if page_table is not None:
+            max_seqlen_k = page_table.shape[1] * key.shape[1]
+        else:
+            max_seqlen_k = key.shape[1]
+    window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, key.shape[-2],
+                                    query.device)
+    if alpha is not None and gate_threshold is None:
+        gate_threshold = 1.0 / max(int(max_seqlen_k), 1)
+    o, l = ops.attn_decode(
+        query, key, value, alpha, delta, page_table, cu_seqlens_k, seqused_k, gather_kv_indices,
+        window_sizes, int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
+        float(softmax_threshold or 0.0), float(gate_threshold or 0.0), bool(is_logsigmoid_gate),
+        int(num_splits or 0),
+    )
+    return _finish(o, l, out, lse, return_lse)
+
+
+# ------------------------------------------------------------------------------------------
+# batched
+# ------------------------------------------------------------------------------------------
+def flash_dense_attn_func(
+    query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
+    softmax_scale: Optional[float] = None, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, is_local: bool = False, is_quant: bool = False,
+    is_split_kv: bool = False, is_split_qo: bool = False, pack_gqa: bool = False,
+    out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
+    skip_checks: bool = False, return_lse: bool = False, deterministic: bool = False,
+) -> Out:
+    """Dense attention. query [B, Sq, H, D], key/value [B, Sk, Hkv, D] -> out [B, Sq, H, D]
+    (and lse [B, H, Sq] fp32 with return_lse=True)."""
+    validate.check_attn_func(
+        "dense", query, key, value, None, None, softmax_scale, window_sizes, None, None,
+        is_quant, out, lse,
+    )
+    return _attention(query, key, value, None, None, None, None, None, None, None, is_causal,
+                      softmax_scale, window_sizes, is_local or window_sizes is not None, 0.0,
+                      None, True, False, out, lse, return_lse, deterministic)
+
+
+def flash_sparse_attn_func(
+    query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
+    softmax_scale: Optional[float] = None, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, softmax_threshold: Optional[float] = 1.0,
+    is_local: bool = False, is_quant: bool = False, is_split_kv: bool = False,
+    is_split_qo: bool = False, pack_gqa: bool = False, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, deterministic: bool = False,
+) -> Out:
+    """Sparse attention: drops key blocks whose probability is provably below
+    softmax_threshold / visible_len (SPEC §5). Shapes as flash_dense_attn_func."""
+    softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
+    validate.check_attn_func(
+        "sparse", query, key, value, None, None, softmax_scale, window_sizes,
+        softmax_threshold, None, is_quant, out, lse,
+    )
+    return _attention(query, key, value, None, None, None, None, None, None, None, is_causal,
+                      softmax_scale, window_sizes, is_local or window_sizes is not None,
+                      softmax_threshold, None, True, False, out, lse, return_lse,
+                      deterministic)
+
+
+def flash_gated_attn_func(
+    query: Tensor, key: Tensor, value: Tensor, alpha: Tensor, delta: Tensor,
+    is_causal: bool = False, softmax_scale: Optional[float] = None,
+    query_scale: Optional[Tensor] = None, key_scale: Optional[Tensor] = None,
+    value_scale: Optional[Tensor] = None, window_sizes: Optional[Tensor] = None,
+    softmax_threshold: Optional[float] = None, gate_threshold: Optional[float] = None,
+    is_logsigmoid_gate: bool = True, is_adapt_gate: bool = True, is_local: bool = False,
+    is_quant: bool = False, is_split_kv: bool = False, is_split_qo: bool = False,
+    pack_gqa: bool = False, out: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+    is_autotune: bool = False, skip_checks: bool = False, return_lse: bool = False,
+    deterministic: bool = False,
+) -> Out:
+    """Gated attention: score = scale * (q.k + g(alpha_i * delta_j)) (SPEC §6).
+    alpha [B, H, Sq], delta [B, Hkv, Sk] (any strides)."""
+    validate.check_attn_func(
+        "gated", query, key, value, alpha, delta, softmax_scale, window_sizes,
+        softmax_threshold, gate_threshold, is_quant, out, lse,
+    )
+    return _attention(query, key, value, alpha, delta, None, None, None, None, None, is_causal,
+                      softmax_scale, window_sizes, is_local or window_sizes is not None,
+                      softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out,
+                      lse, return_lse, deterministic)
+
+
+# ------------------------------------------------------------------------------------------
+# varlen
+# ------------------------------------------------------------------------------------------
+def flash_dense_attn_varlen_func(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
+    softmax_scale: Optional[float] = None, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, is_local: bool = False, is_quant: bool = False,
+    is_split_kv: bool = False, is_split_qo: bool = False, pack_gqa: bool = False,
+    seqused_q: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
+    out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
+    skip_checks: bool = False, return_lse: bool = False, deterministic: bool = False,
+) -> Out:
+    """Dense varlen attention. query [total_q, H, D], key/value [total_k, Hkv, D],
+    cu_seqlens_q/k int32 [B+1] -> out [total_q, H, D] (lse [H, total_q])."""
+    validate.check_attn_varlen_func(
+        "dense", query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, seqused_q, seqused_k, softmax_scale, window_sizes, None, None, is_quant,
+        out, lse, skip_checks,
+    )
+    return _attention(query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
+                      is_local or window_sizes is not None, 0.0, None, True, False, out, lse,
+                      return_lse, deterministic)
+
+
+def flash_sparse_attn_varlen_func(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
+    softmax_scale: Optional[float] = None, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, softmax_threshold: Optional[float] = 1.0,
+    is_local: bool = False, is_quant: bool = False, is_split_kv: bool = False,
+    is_split_qo: bool = False, pack_gqa: bool = False, seqused_q: Optional[Tensor] = None,
+    seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, deterministic: bool = False,
+) -> Out:
+    """Sparse varlen attention (SPEC §5). Shapes as flash_dense_attn_varlen_func."""
+    softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
+    validate.check_attn_varlen_func(
+        "sparse", query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, seqused_q, seqused_k, softmax_scale, window_sizes, softmax_threshold,
+        None, is_quant, out, lse, skip_checks,
+    )
+    return _attention(query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
+                      is_local or window_sizes is not None, softmax_threshold, None, True,
+                      False, out, lse, return_lse, deterministic)
+
+
+def flash_gated_attn_varlen_func(
+    query: Tensor, key: Tensor, value: Tensor, alpha: Tensor, delta: Tensor,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    is_causal: bool = False, softmax_scale: Optional[float] = None,
+    query_scale: Optional[Tensor] = None, key_scale: Optional[Tensor] = None,
+    value_scale: Optional[Tensor] = None, window_sizes: Optional[Tensor] = None,
+    softmax_threshold: Optional[float] = None, gate_threshold: Optional[float] = None,
+    is_logsigmoid_gate: bool = True, is_adapt_gate: bool = True, is_local: bool = False,
+    is_quant: bool = False, is_split_kv: bool = False, is_split_qo: bool = False,
+    pack_gqa: bool = False, seqused_q: Optional[Tensor] = None,
+    seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, deterministic: bool = False,
+) -> Out:
+    """Gated varlen attention (SPEC §6). alpha [H, total_q], delta [Hkv, total_k]."""
+    validate.check_attn_varlen_func(
+        "gated", query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, seqused_q, seqused_k, softmax_scale, window_sizes, softmax_threshold,
+        gate_threshold, is_quant, out, lse, skip_checks,
+    )
+    return _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
+                      is_local or window_sizes is not None, softmax_threshold, gate_threshold,
+                      is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic)
+
+
+# ------------------------------------------------------------------------------------------
+# decode over KV caches
+# ------------------------------------------------------------------------------------------
+def flash_dense_attn_with_kvcache_func(
+    query: Tensor, key: Tensor, value: Tensor, softmax_scale: Optional[float] = None,
+    query_scale: Optional[Tensor] = None, key_scale: Optional[Tensor] = None,
+    value_scale: Optional[Tensor] = None, window_sizes: Optional[Tensor] = None,
+    is_local: bool = False, is_quant: bool = False, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, *, seqused_k: Optional[Tensor] = None,
+    page_table: Optional[Tensor] = None, k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None, gather_kv_indices: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
+) -> Out:
+    """Decode: query [B, H, D] over key/value caches [B, Sk, Hkv, D] (or paged
+    [num_pages, page_size, Hkv, D] with page_table [B, max_pages]). k_new/v_new [B, Hkv, D]
+    are written at seqused_k[b] before attending. -> out [B, H, D] (lse [B, H])."""
+    validate.check_attn_with_kvcache_func(
+        "dense", query, key, value, None, None, None, None, seqused_k, page_table, k_new, v_new,
+        None, gather_kv_indices, softmax_scale, window_sizes, None, None, num_splits, is_quant,
+        out, lse, skip_checks,
+    )
+    return _decode(query, key, value, None, None, None, None, seqused_k, page_table,
+                   gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
+                   is_local or window_sizes is not None, 0.0, None, True, num_splits, out, lse,
+                   return_lse)
+
+
+def flash_sparse_attn_with_kvcache_func(
+    query: Tensor, key: Tensor, value: Tensor, softmax_scale: Optional[float] = None,
+    softmax_threshold: Optional[float] = 1.0, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, is_local: bool = False, is_quant: bool = False,
+    out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
+    skip_checks: bool = False, return_lse: bool = False, *,
+    seqused_k: Optional[Tensor] = None, page_table: Optional[Tensor] = None,
+    k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
+    gather_kv_indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
+) -> Out:
+    """Sparse decode (SPEC §5, §7). Shapes as flash_dense_attn_with_kvcache_func."""
+    softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
+    validate.check_attn_with_kvcache_func(
+        "sparse", query, key, value, None, None, None, None, seqused_k, page_table, k_new,
+        v_new, None, gather_kv_indices, softmax_scale, window_sizes, softmax_threshold, None,
+        num_splits, is_quant, out, lse, skip_checks,
+    )
+    return _decode(query, key, value, None, None, None, None, seqused_k, page_table,
+                   gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
+                   is_local or window_sizes is not None, softmax_threshold, None, True,
+                   num_splits, out, lse, return_lse)
+
+
+def flash_gated_attn_with_kvcache_func(
+    query: Tensor, key: Tensor, value: Tensor, alpha: Tensor, delta: Tensor,
+    softmax_scale: Optional[float] = None, softmax_threshold: Optional[float] = None,
+    gate_threshold: Optional[float] = None, is_logsigmoid_gate: bool = True,
+    query_scale: Optional[Tensor] = None, key_scale: Optional[Tensor] = None,
+    value_scale: Optional[Tensor] = None, window_sizes: Optional[Tensor] = None,
+    is_local: bool = False, is_quant: bool = False, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, *, seqused_k: Optional[Tensor] = None,
+    page_table: Optional[Tensor] = None, k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None, delta_new: Optional[Tensor] = None,
+    gather_kv_indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
+) -> Out:
+    """Gated decode (SPEC §6, §7). alpha [B, H]; delta cache [B, Hkv, Sk]
+    (paged: [num_pages, page_size, Hkv]); delta_new [B, Hkv]."""
+    validate.check_attn_with_kvcache_func(
+        "gated", query, key, value, alpha, delta, None, None, seqused_k, page_table, k_new,
+        v_new, delta_new, gather_kv_indices, softmax_scale, window_sizes, softmax_threshold,
+        gate_threshold, num_splits, is_quant, out, lse, skip_checks,
+    )
+    return _decode(query, key, value, alpha, delta, None, None, seqused_k, page_table,
+                   gather_kv_indices, k_new, v_new, delta_new, softmax_scale, window_sizes,
+                   is_local or window_sizes is not None, softmax_threshold, gate_threshold,
+                   is_logsigmoid_gate, num_splits, out, lse, return_lse)
+
+
+def flash_dense_attn_varlen_with_kvcache_func(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
+    softmax_scale: Optional[float] = None, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, is_local: bool = False, is_quant: bool = False,
+    seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, *, k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
+    gather_kv_indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
+) -> Out:
+    """Decode over packed caches: query [B, H, D], key/value [total_k, Hkv, D] with
+    cu_seqlens_k [B+1]; sequence b owns rows cu_seqlens_k[b]:cu_seqlens_k[b+1]."""
+    validate.check_attn_with_kvcache_func(
+        "dense", query, key, value, None, None, cu_seqlens_k, max_seqlen_k, seqused_k, None,
+        k_new, v_new, None, gather_kv_indices, softmax_scale, window_sizes, None, None,
+        num_splits, is_quant, out, lse, skip_checks,
+    )
+    return _decode(query, key, value, None, None, cu_seqlens_k, max_seqlen_k, seqused_k, None,
+                   gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
+                   is_local or window_sizes is not None, 0.0, None, True, num_splits, out, lse,
+                   return_lse)
+
+
+def flash_sparse_attn_varlen_with_kvcache_func(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
+    softmax_scale: Optional[float] = None, softmax_threshold: Optional[float] = 1.0,
+    query_scale: Optional[Tensor] = None, key_scale: Optional[Tensor] = None,
+    value_scale: Optional[Tensor] = None, window_sizes: Optional[Tensor] = None,
+    is_local: bool = False, is_quant: bool = False, seqused_k: Optional[Tensor] = None,
+    out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
+    skip_checks: bool = False, return_lse: bool = False, *, k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None, gather_kv_indices: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
+) -> Out:
+    """Sparse decode over packed caches. Shapes as flash_dense_attn_varlen_with_kvcache_func."""
+    softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
+    validate.check_attn_with_kvcache_func(
+        "sparse", query, key, value, None, None, cu_seqlens_k, max_seqlen_k, seqused_k, None,
+        k_new, v_new, None, gather_kv_indices, softmax_scale, window_sizes, softmax_threshold,
+        None, num_splits, is_quant, out, lse, skip_checks,
+    )
+    return _decode(query, key, value, None, None, cu_seqlens_k, max_seqlen_k, seqused_k, None,
+                   gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
+                   is_local or window_sizes is not None, softmax_threshold, None, True,
+                   num_splits, out, lse, return_lse)
+
+
+def flash_gated_attn_varlen_with_kvcache_func(
+    query: Tensor, key: Tensor, value: Tensor, alpha: Tensor, delta: Tensor,
+    cu_seqlens_k: Tensor, max_seqlen_k: int, softmax_scale: Optional[float] = None,
+    softmax_threshold: Optional[float] = None, gate_threshold: Optional[float] = None,
+    is_logsigmoid_gate: bool = True, query_scale: Optional[Tensor] = None,
+    key_scale: Optional[Tensor] = None, value_scale: Optional[Tensor] = None,
+    window_sizes: Optional[Tensor] = None, is_local: bool = False, is_quant: bool = False,
+    seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
+    return_lse: bool = False, *, k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
+    delta_new: Optional[Tensor] = None, gather_kv_indices: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
+) -> Out:
+    """Gated decode over packed caches. alpha [B, H], delta [Hkv, total_k]."""
+    validate.check_attn_with_kvcache_func(
+        "gated", query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused_k, None,
+        k_new, v_new, delta_new, gather_kv_indices, softmax_scale, window_sizes,
+        softmax_threshold, gate_threshold, num_splits, is_quant, out, lse, skip_checks,
+    )
+    return _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused_k, None,
+                   gather_kv_indices, k_new, v_new, delta_new, softmax_scale, window_sizes,
+                   is_local or window_sizes is not None, softmax_threshold, gate_threshold,
+                   is_logsigmoid_gate, num_splits, out, lse, return_lse)

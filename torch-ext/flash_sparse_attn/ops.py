@@ -1,0 +1,257 @@
+"""Registered custom ops: the one place where public functions meet kernels.
+
+Every op is declared with `add_op_namespace_prefix(...)` (a unique namespace per build), has a
+fake implementation for `torch.compile`, and the training op has `register_autograd`.
+Inside an op, CUDA (and ROCm/XPU) tensors go to the Triton kernels; CPU tensors go to
+`reference.py`, unless `TRITON_INTERPRET=1`, in which case the same Triton kernels run through
+Triton's interpreter (that is how CI tests the kernels without a GPU).
+
+Ops:
+- `fwd`      attention forward (batched or varlen, dense/sparse/gated, causal/local).
+- `bwd`      its backward.
+- `kv_append` writes the new token's key/value (and delta) into a cache, in place.
+- `decode`   one query token per sequence over a (paged, gathered) KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._ops import add_op_namespace_prefix
+
+Tensor = torch.Tensor
+
+
+def use_triton(t: Tensor) -> bool:
+    """Triton kernels for device tensors; for CPU tensors only under TRITON_INTERPRET=1."""
+    if t.device.type != "cpu":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _lse_shape(q: Tensor, is_varlen: bool) -> list:
+    if is_varlen:  # q [total_q, H, D] -> lse [H, total_q]
+        return [q.shape[1], q.shape[0]]
+    return [q.shape[0], q.shape[2], q.shape[1]]  # q [B, Sq, H, D] -> lse [B, H, Sq]
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(add_op_namespace_prefix("fwd"), mutates_args=())
+def attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: Optional[Tensor],
+    delta: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    window_sizes: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    is_causal: bool,
+    softmax_threshold: float,
+    gate_threshold: float,
+    is_logsigmoid_gate: bool,
+    is_adapt_gate: bool,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, lse, skip). `skip` holds the forward's block-skip decisions (uint8, one
+    per (batch, head, query block, key block)); it is empty when nothing can be skipped.
+    `deterministic` only matters to the backward (saved for it)."""
+    args = dict(
+        alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k, window_sizes=window_sizes, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, is_causal=is_causal,
+        softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
+        is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
+    )
+    if use_triton(q):
+        from .triton.fwd import launch_attn_fwd
+
+        return launch_attn_fwd(q, k, v, **args)
+    return reference.attention_forward_op(q, k, v, **args)
+
+
+@attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
+                   max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, softmax_threshold,
+                   gate_threshold, is_logsigmoid_gate, is_adapt_gate, deterministic):
+    is_varlen = cu_seqlens_q is not None
+    out = torch.empty_like(q)
+    lse = q.new_empty(_lse_shape(q, is_varlen), dtype=torch.float32)
+    from .triton.configs import skip_shape
+
+    skip = q.new_empty(
+        skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                   softmax_threshold > 0 or alpha is not None),
+        dtype=torch.uint8,
+    )
+    return out, lse, skip
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(add_op_namespace_prefix("bwd"), mutates_args=())
+def attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    skip: Tensor,
+    alpha: Optional[Tensor],
+    delta: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    window_sizes: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    is_causal: bool,
+    softmax_threshold: float,
+    gate_threshold: float,
+    is_logsigmoid_gate: bool,
+    is_adapt_gate: bool,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dalpha, ddelta); dalpha/ddelta are empty without gates."""
+    args = dict(
+        alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k, window_sizes=window_sizes, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, is_causal=is_causal,
+        softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
+        is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
+    )
+    if use_triton(q):
+        from .triton.bwd import launch_attn_bwd
+
+        return launch_attn_bwd(dout, q, k, v, out, lse, skip, deterministic=deterministic, **args)
+    return reference.attention_backward_op(dout, q, k, v, out, lse, skip, **args)
+
+
+@attn_bwd.register_fake
+def _attn_bwd_fake(dout, q, k, v, out, lse, skip, alpha, delta, *rest):
+    dalpha = torch.empty_like(alpha, memory_format=torch.contiguous_format) if alpha is not None \
+        else q.new_empty((0,))
+    ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format) if delta is not None \
+        else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalpha, ddelta
+
+
+_FWD_ARG_NAMES = (
+    "q", "k", "v", "alpha", "delta", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "window_sizes",
+    "max_seqlen_q", "max_seqlen_k", "softmax_scale", "is_causal", "softmax_threshold",
+    "gate_threshold", "is_logsigmoid_gate", "is_adapt_gate", "deterministic",
+)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    named = dict(zip(_FWD_ARG_NAMES, inputs))
+    out, lse, skip = output
+    ctx.save_for_backward(
+        named["q"], named["k"], named["v"], out, lse, skip, named["alpha"], named["delta"],
+        named["cu_seqlens_q"], named["cu_seqlens_k"], named["seqused_k"], named["window_sizes"],
+    )
+    ctx.scalars = {n: named[n] for n in _FWD_ARG_NAMES[9:]}
+
+
+def _fwd_backward(ctx, dout, dlse, dskip):
+    (q, k, v, out, lse, skip, alpha, delta, cu_q, cu_k, seqused_k,
+     window_sizes) = ctx.saved_tensors
+    dq, dk, dv, dalpha, ddelta = attn_bwd(
+        dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, skip, alpha,
+        delta, cu_q, cu_k, seqused_k, window_sizes, **ctx.scalars,
+    )
+    return (
+        dq, dk, dv,
+        dalpha if alpha is not None else None,
+        ddelta if delta is not None else None,
+        None, None, None, None, None, None, None, None, None, None, None, None, None,
+    )
+
+
+attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(
+    add_op_namespace_prefix("kv_append"), mutates_args=("k_cache", "v_cache", "delta_cache")
+)
+def kv_append(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    delta_cache: Optional[Tensor],
+    k_new: Tensor,
+    v_new: Tensor,
+    delta_new: Optional[Tensor],
+    page_table: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Tensor,
+) -> None:
+    """Write k_new/v_new [B, Hkv, D] (delta_new [B, Hkv]) at position seqused_k[b] of each
+    sequence's cache, in place."""
+    if use_triton(k_new):
+        from .triton.decode import launch_kv_append
+
+        launch_kv_append(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, page_table,
+                         cu_seqlens_k, seqused_k)
+        return
+    reference.kv_append(k_cache, v_cache, delta_cache, k_new, v_new, delta_new,
+                        page_table=page_table, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
+
+
+@kv_append.register_fake
+def _kv_append_fake(*args):
+    return None
+
+
+@torch.library.custom_op(add_op_namespace_prefix("decode"), mutates_args=())
+def attn_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    alpha: Optional[Tensor],
+    delta_cache: Optional[Tensor],
+    page_table: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqused_k: Optional[Tensor],
+    gather_kv_indices: Optional[Tensor],
+    window_sizes: Optional[Tensor],
+    max_seqlen_k: int,
+    softmax_scale: float,
+    softmax_threshold: float,
+    gate_threshold: float,
+    is_logsigmoid_gate: bool,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """q [B, H, D] -> (out [B, H, D], lse [B, H] fp32). num_splits <= 0: heuristic."""
+    args = dict(
+        alpha=alpha, delta_cache=delta_cache, page_table=page_table, cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k, gather_kv_indices=gather_kv_indices, window_sizes=window_sizes,
+        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
+        softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
+        is_logsigmoid_gate=is_logsigmoid_gate,
+    )
+    if use_triton(q):
+        from .triton.decode import launch_attn_decode
+
+        return launch_attn_decode(q, k_cache, v_cache, num_splits=num_splits, **args)
+    return reference.decode_forward(q, k_cache, v_cache, **args)
+
+
+@attn_decode.register_fake
+def _attn_decode_fake(q, *rest):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)

@@ -1,0 +1,510 @@
+"""Attention backward: preprocess, dK/dV (+ atomic dQ), and a deterministic dQ pass.
+
+Notation
+- `lse2` = lse * log2(e) with -inf (row sees no key) replaced by +inf so exp2(s - lse2) = 0.
+- `Di` = rowsum(dO * O) (fp32), the softmax-backward row term: dS = P * (dP - Di).
+- dK/dV program: one BLOCK_N tile of keys of one (batch, KV head); loops over the G query heads
+  of that KV head and over the query tiles that can see its keys, so dK/dV need no atomics.
+  Scores are computed transposed (`b_sT` [BLOCK_N, BLOCK_M] = K Q^T) so P^T feeds dV directly.
+- dQ: by default accumulated in the dK/dV program with fp32 atomics (5 matmuls per tile pair);
+  `deterministic=True` runs a separate dQ kernel instead (7 matmuls, bitwise reproducible).
+- Gated: score = scale * (q.k + g(x)), x = alpha_i * delta_j; dL/dx = scale * dS * g'(x);
+  dalpha is a row sum (dQ side), ddelta a column sum over rows and query heads (dK/dV side).
+
+Caution
+- The dK/dV program visits query tiles in the same mask stages as the forward (hidden pairs are
+  never visited); rows past seqlen_q load zeros and lse2 = +inf, so they contribute nothing.
+- Atomic dQ makes the low bits of dq depend on scheduling; dk, dv, ddelta never use atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import LOG2E, gate_2d, gate_grad_2d, visible_2d
+from .fwd import _gate_strides, _key_ranges, _load_tile, _strides3
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, LSE, DI, LSE2, CU_Q,
+    stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh, stride_ls, seqlen_q_fixed, H,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        b_off = 0
+    else:
+        q_start = 0
+        seqlen_q = seqlen_q_fixed
+        b_off = b
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, HEAD_DIM_PAD)
+    m_ok = o_m < seqlen_q
+    rows = (q_start + o_m[:, None]).to(tl.int64)
+    b_o = _load_tile(O + b_off.to(tl.int64) * stride_ob + rows * stride_os + h * stride_oh
+                     + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_do = _load_tile(DO + b_off.to(tl.int64) * stride_db + rows * stride_ds + h * stride_dh
+                      + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_di = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    o_l = b_off.to(tl.int64) * stride_lb + h * stride_lh + (q_start + o_m).to(tl.int64) * stride_ls
+    b_lse = tl.load(LSE + o_l, mask=m_ok, other=0.0)
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E)
+    tl.store(DI + o_l, b_di, mask=m_ok)
+    tl.store(LSE2 + o_l, b_lse2, mask=m_ok)
+
+
+@triton.jit
+def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  IS_LOCAL: tl.constexpr):
+    """Query-tile ranges that can see key tile [start_n, start_n + BLOCK_N): (lo1, hi1) masked,
+    (lo2, hi2) unmasked (every row sees every key), (lo3, hi3) masked; disjoint, ordered."""
+    n_first = start_n
+    n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    q_end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    complete = start_n + BLOCK_N <= seqlen_k
+    if IS_LOCAL:
+        # rows i with dist = i + off - j >= 0 for some key j of the tile
+        r0 = tl.maximum(n_first - dist_offset, 0)
+        lo1 = tl.minimum(r0 // BLOCK_M * BLOCK_M, q_end)
+        if n_first < w_sink:
+            return lo1, q_end, q_end, q_end, q_end, q_end
+        # near band: dist in [0, near) -> i in [j - off, j - off + near)
+        n_hi = tl.minimum(n_last - dist_offset + w_near, seqlen_q)
+        hi1 = tl.where(w_near > 0, tl.cdiv(tl.maximum(n_hi, 0), BLOCK_M) * BLOCK_M, lo1)
+        hi1 = tl.maximum(hi1, lo1)
+        # far band: dist in [near + right, near + right + left)
+        f_lo = tl.maximum(n_first - dist_offset + w_near + w_right, 0)
+        f_hi = tl.minimum(n_last - dist_offset + w_near + w_right + w_left, seqlen_q)
+        lo3 = tl.maximum(tl.minimum(f_lo // BLOCK_M * BLOCK_M, q_end), hi1)
+        hi3 = tl.where((w_left > 0) & (f_hi > f_lo),
+                       tl.cdiv(tl.maximum(f_hi, 0), BLOCK_M) * BLOCK_M, lo3)
+        hi3 = tl.maximum(hi3, lo3)
+        return lo1, hi1, hi1, hi1, lo3, hi3
+    if IS_CAUSAL:
+        r0 = tl.maximum(n_first - dist_offset, 0)
+        lo1 = tl.minimum(r0 // BLOCK_M * BLOCK_M, q_end)
+        # first tile whose first row sees the whole key tile
+        full = tl.minimum(tl.cdiv(tl.maximum(n_last - dist_offset, 0), BLOCK_M) * BLOCK_M, q_end)
+        full = tl.maximum(full, lo1)
+        hi1 = tl.where(complete, full, q_end)
+        return lo1, hi1, hi1, q_end, q_end, q_end
+    zero = q_end * 0
+    if complete:
+        return zero, zero, zero, q_end, q_end, q_end
+    return zero, q_end, q_end, q_end, q_end, q_end
+
+
+@triton.jit
+def _dkdv_tiles(
+    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
+    p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs, stride_das, lo,
+    hi, seqlen_q, seqlen_k,
+    dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        o_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = o_m < seqlen_q
+        rows = o_m.to(tl.int64)
+        # [D, M] transposed query tile, [M, D] dO tile (rows past seqlen_q load 0)
+        b_qT = _load_tile(p_q0 + rows[None, :] * stride_qs + o_d[:, None], m_ok[None, :],
+                          o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, True)
+        b_do = _load_tile(p_do0 + rows[:, None] * stride_dos + o_d[None, :], m_ok[:, None],
+                          o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+        b_lse2 = tl.load(p_lse2 + rows * stride_ls, mask=m_ok, other=float("inf"))
+        b_di = tl.load(p_di + rows * stride_ls, mask=m_ok, other=0.0)
+        b_sT = tl.dot(b_k, b_qT)  # [N, M]
+        if HAS_GATE:
+            b_alpha = tl.load(p_alpha0 + rows * stride_as, mask=m_ok, other=0.0).to(tl.float32)
+            b_x = b_delta[:, None] * b_alpha[None, :]
+            b_sT += gate_2d(b_x, IS_LOGSIGMOID)
+        b_pT = tl.math.exp2(b_sT * scale_log2 - b_lse2[None, :])
+        if MASKED:
+            m_vis = visible_2d(o_m[None, :], o_n[:, None], dist_offset, seqlen_k, IS_CAUSAL,
+                               IS_LOCAL, w_sink, w_left, w_right, w_near)
+            b_pT = tl.where(m_vis, b_pT, 0.0)
+        b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
+        b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
+        b_dsT = b_pT * (b_dpT - b_di[None, :])
+        b_dk = tl.dot(b_dsT.to(b_qT.dtype), tl.trans(b_qT), b_dk)
+        if HAS_GATE:
+            b_dxT = b_dsT * gate_grad_2d(b_x, IS_LOGSIGMOID)
+            b_ddelta += tl.sum(b_dxT * b_alpha[None, :], 1)
+            if ATOMIC_DQ:
+                tl.atomic_add(p_dalpha0 + rows * stride_das,
+                              tl.sum(b_dxT * b_delta[:, None], 0) * scale, mask=m_ok,
+                              sem="relaxed")
+        if ATOMIC_DQ:
+            b_dq = tl.dot(tl.trans(b_dsT.to(b_k.dtype)), b_k) * scale  # [M, D]
+            p_dq = p_dq0 + rows[:, None] * stride_dqs + o_d[None, :]
+            tl.atomic_add(p_dq, b_dq, mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM),
+                          sem="relaxed")
+    return b_dk, b_dv, b_ddelta
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE2, DI, ALPHA, DELTA, DALPHA, DDELTA, CU_Q, CU_K, SEQUSED_K,
+    WINDOWS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ls,
+    stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
+    stride_dab, stride_dah, stride_das, stride_ddb, stride_ddh, stride_dds, stride_wh,
+    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, HKV, GROUP,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        b_off = 0
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_fixed
+        seqlen_k = seqlen_k_fixed
+        b_off = b
+    seqlen_k_all = seqlen_k
+    if HAS_SEQUSED_K:
+        seqlen_k = tl.minimum(tl.load(SEQUSED_K + b), seqlen_k)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k_all:
+        return
+    b_off64 = b_off.to(tl.int64)
+    dist_offset = seqlen_k - seqlen_q
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, HEAD_DIM_PAD)
+    n_ok = o_n < seqlen_k
+    krows = (k_start + o_n).to(tl.int64)
+
+    b_k = _load_tile(K + b_off64 * stride_kb + krows[:, None] * stride_ks + hk * stride_kh
+                     + o_d[None, :], n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_v = _load_tile(V + b_off64 * stride_vb + krows[:, None] * stride_vs + hk * stride_vh
+                     + o_d[None, :], n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    b_ddelta = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_GATE:
+        b_delta = tl.load(DELTA + b_off64 * stride_db + hk * stride_dh + krows * stride_ds,
+                          mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        b_delta = b_ddelta
+
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        if IS_LOCAL:
+            p_w = WINDOWS + (h if WINDOW_PER_QHEAD else hk) * stride_wh
+            w_sink = tl.load(p_w + 0)
+            w_left = tl.load(p_w + 1)
+            w_right = tl.load(p_w + 2)
+            w_near = tl.load(p_w + 3)
+        else:
+            w_sink = 0
+            w_left = 0
+            w_right = 0
+            w_near = 0
+        p_q0 = Q + b_off64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+        p_do0 = DO + b_off64 * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
+        p_dq0 = DQ + b_off64 * stride_dqb + q_start.to(tl.int64) * stride_dqs + h * stride_dqh
+        o_l = b_off64 * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
+        p_alpha0 = ALPHA + b_off64 * stride_ab + h * stride_ah + q_start.to(tl.int64) * stride_as
+        p_dalpha0 = DALPHA + b_off64 * stride_dab + h * stride_dah \
+            + q_start.to(tl.int64) * stride_das
+        lo1, hi1, lo2, hi2, lo3, hi3 = _query_ranges(
+            start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+            BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+        b_dk, b_dv, b_ddelta = _dkdv_tiles(
+            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
+            stride_dqs, stride_das,
+            lo1, hi1, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
+            w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL,
+            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+        b_dk, b_dv, b_ddelta = _dkdv_tiles(
+            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
+            stride_dqs, stride_das,
+            lo2, hi2, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
+            w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL,
+            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+        b_dk, b_dv, b_ddelta = _dkdv_tiles(
+            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
+            stride_dqs, stride_das,
+            lo3, hi3, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
+            w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL,
+            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+
+    # keys past seqused_k (and padding rows) get zero gradients
+    w_ok = (o_n < seqlen_k_all)[:, None]
+    d_ok = w_ok & (o_d[None, :] < HEAD_DIM)
+    b_dk = tl.where(n_ok[:, None], b_dk * scale, 0.0)
+    b_dv = tl.where(n_ok[:, None], b_dv, 0.0)
+    tl.store(DK + b_off64 * stride_dkb + krows[:, None] * stride_dks + hk * stride_dkh
+             + o_d[None, :], b_dk.to(DK.dtype.element_ty), mask=d_ok)
+    tl.store(DV + b_off64 * stride_dvb + krows[:, None] * stride_dvs + hk * stride_dvh
+             + o_d[None, :], b_dv.to(DV.dtype.element_ty), mask=d_ok)
+    if HAS_GATE:
+        b_ddelta = tl.where(n_ok, b_ddelta * scale, 0.0)
+        tl.store(DDELTA + b_off64 * stride_ddb + hk * stride_ddh + krows * stride_dds,
+                 b_ddelta.to(DDELTA.dtype.element_ty), mask=o_n < seqlen_k_all)
+
+
+@triton.jit
+def _dq_tiles(
+    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+    stride_ks, stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2,
+    w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = o_n < seqlen_k
+        rows = o_n.to(tl.int64)
+        b_kT = _load_tile(p_k0 + rows[None, :] * stride_ks + o_d[:, None], n_ok[None, :],
+                          o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        b_vT = _load_tile(p_v0 + rows[None, :] * stride_vs + o_d[:, None], n_ok[None, :],
+                          o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        b_s = tl.dot(b_q, b_kT)  # [M, N]
+        if HAS_GATE:
+            b_delta = tl.load(p_delta0 + rows * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
+            b_x = b_alpha[:, None] * b_delta[None, :]
+            b_s += gate_2d(b_x, IS_LOGSIGMOID)
+        b_p = tl.math.exp2(b_s * scale_log2 - b_lse2[:, None])
+        if MASKED:
+            m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
+                               IS_LOCAL, w_sink, w_left, w_right, w_near)
+            b_p = tl.where(m_vis, b_p, 0.0)
+        b_dp = tl.dot(b_do, b_vT)
+        b_ds = b_p * (b_dp - b_di[:, None])
+        b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
+        if HAS_GATE:
+            b_dalpha += tl.sum(b_ds * gate_grad_2d(b_x, IS_LOGSIGMOID) * b_delta[None, :], 1)
+    return b_dq, b_dalpha
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE2, DI, ALPHA, DELTA, DALPHA, CU_Q, CU_K, SEQUSED_K, WINDOWS,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
+    stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
+    stride_dab, stride_dah, stride_das, stride_wh,
+    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, H, GROUP,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+):
+    """Deterministic dQ (and dalpha) for one query tile, no atomics."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        b_off = 0
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_fixed
+        seqlen_k = seqlen_k_fixed
+        b_off = b
+    if HAS_SEQUSED_K:
+        seqlen_k = tl.minimum(tl.load(SEQUSED_K + b), seqlen_k)
+    start_m = pid_m
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    b_off64 = b_off.to(tl.int64)
+    dist_offset = seqlen_k - seqlen_q
+    if IS_LOCAL:
+        p_w = WINDOWS + (h if WINDOW_PER_QHEAD else hk) * stride_wh
+        w_sink = tl.load(p_w + 0)
+        w_left = tl.load(p_w + 1)
+        w_right = tl.load(p_w + 2)
+        w_near = tl.load(p_w + 3)
+    else:
+        w_sink = 0
+        w_left = 0
+        w_right = 0
+        w_near = 0
+    o_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, HEAD_DIM_PAD)
+    m_ok = o_m < seqlen_q
+    rows = (q_start + o_m).to(tl.int64)
+    b_q = _load_tile(Q + b_off64 * stride_qb + rows[:, None] * stride_qs + h * stride_qh
+                     + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_do = _load_tile(DO + b_off64 * stride_dob + rows[:, None] * stride_dos + h * stride_doh
+                      + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    o_l = b_off64 * stride_lb + h * stride_lh + rows * stride_ls
+    b_lse2 = tl.load(LSE2 + o_l, mask=m_ok, other=float("inf"))
+    b_di = tl.load(DI + o_l, mask=m_ok, other=0.0)
+    if HAS_GATE:
+        b_alpha = tl.load(ALPHA + b_off64 * stride_ab + h * stride_ah + rows * stride_as,
+                          mask=m_ok, other=0.0).to(tl.float32)
+    else:
+        b_alpha = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_k0 = K + b_off64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    p_v0 = V + b_off64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    p_delta0 = DELTA + b_off64 * stride_db + hk * stride_dh + k_start.to(tl.int64) * stride_ds
+    b_dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    b_dalpha = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
+        start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+        BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+    b_dq, b_dalpha = _dq_tiles(
+        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+        stride_ks, stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink,
+        w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL,
+        HAS_GATE, IS_LOGSIGMOID)
+    b_dq, b_dalpha = _dq_tiles(
+        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+        stride_ks, stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink,
+        w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL,
+        HAS_GATE, IS_LOGSIGMOID)
+    if IS_LOCAL:
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh
+             + o_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))
+    if HAS_GATE:
+        tl.store(DALPHA + b_off64 * stride_dab + h * stride_dah + rows * stride_das,
+                 (b_dalpha * scale).to(DALPHA.dtype.element_ty), mask=m_ok)
+
+
+def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q, cu_seqlens_k,
+                    seqused_k, window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    is_causal, softmax_threshold, gate_threshold, is_logsigmoid_gate,
+                    is_adapt_gate, deterministic):
+    is_varlen = cu_seqlens_q is not None
+    if is_varlen:
+        batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
+        num_kv_heads = k.shape[1]
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    else:
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    has_gate = alpha is not None
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    atomic_dq = not deterministic
+    dalpha = torch.zeros(alpha.shape, dtype=torch.float32 if atomic_dq else alpha.dtype,
+                         device=q.device) if has_gate else q.new_empty((0,))
+    ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=q.device) if has_gate \
+        else q.new_empty((0,))
+    if q.numel() == 0 or k.numel() == 0 or batch == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_(), dalpha.zero_(), ddelta.zero_()
+
+    cfg = configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
+                             window_sizes is not None, has_gate)
+    head_dim_pad = configs.head_dim_pad(head_dim)
+    is_local = window_sizes is not None
+    lse = lse.contiguous()
+    di = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    stride_l = (0, lse.stride(0), lse.stride(1)) if is_varlen \
+        else (lse.stride(0), lse.stride(1), lse.stride(2))
+    dummy = q
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_VARLEN=is_varlen)
+    _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m_pre), batch * num_heads)](
+        out, dout, lse, di, lse2, cu_seqlens_q if is_varlen else dummy,
+        *_strides3(out, is_varlen), *_strides3(dout, is_varlen), *stride_l, seqlen_q, num_heads,
+        BLOCK_M=cfg.block_m_pre, num_warps=4, **common,
+    )
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq \
+        else torch.empty_like(q)
+    flags = dict(
+        IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
+        WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
+        and num_heads != num_kv_heads,
+        HAS_SEQUSED_K=seqused_k is not None, HAS_GATE=has_gate,
+        IS_LOGSIGMOID=bool(is_logsigmoid_gate), **common,
+    )
+    tensors = dict(
+        CU_Q=cu_seqlens_q if is_varlen else dummy, CU_K=cu_seqlens_k if is_varlen else dummy,
+        SEQUSED_K=seqused_k if seqused_k is not None else dummy,
+        WINDOWS=window_sizes if is_local else dummy,
+        ALPHA=alpha if has_gate else dummy, DELTA=delta if has_gate else dummy,
+    )
+    scale_log2 = softmax_scale * 1.4426950408889634
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * num_kv_heads)](
+        q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
+        dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"], tensors["SEQUSED_K"],
+        tensors["WINDOWS"],
+        *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
+        *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
+        *_strides3(dv, is_varlen), *stride_l, *_gate_strides(alpha, is_varlen),
+        *_gate_strides(delta, is_varlen), *_gate_strides(dalpha if has_gate else None, is_varlen),
+        *_gate_strides(ddelta if has_gate else None, is_varlen),
+        window_sizes.stride(0) if is_local else 0,
+        seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads, num_heads // num_kv_heads,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+    if deterministic:
+        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m_dq), batch * num_heads)](
+            q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
+            dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],
+            tensors["SEQUSED_K"], tensors["WINDOWS"],
+            *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
+            *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *stride_l,
+            *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
+            *_gate_strides(dalpha if has_gate else None, is_varlen),
+            window_sizes.stride(0) if is_local else 0,
+            seqlen_q, seqlen_k, softmax_scale, scale_log2, num_heads,
+            num_heads // num_kv_heads,
+            BLOCK_M=cfg.block_m_dq, BLOCK_N=cfg.block_n_dq,
+            num_warps=cfg.num_warps_dq, num_stages=cfg.num_stages_dq, **flags,
+        )
+    if atomic_dq:
+        dq = dq.to(q.dtype)
+        if has_gate:
+            dalpha = dalpha.to(alpha.dtype)
+    return dq, dk, dv, dalpha, ddelta

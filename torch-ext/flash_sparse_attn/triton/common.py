@@ -1,0 +1,91 @@
+"""Pieces shared by every kernel of the family: constants, masks, gates, the online-softmax step.
+
+Notation
+- `o_m` query row indices of a tile (positions within the sequence), `o_n` key positions.
+- `dist = o_m + (seqlen_k - seqlen_q) - o_n`: how far key n lies behind query m (SPEC §3).
+- Scores are kept in base 2: `s2 = (q.k + g) * scale * log2(e)`, so softmax uses `exp2`;
+  lse is converted back to natural log only when it is stored.
+
+Caution
+- `visible` assumes `dist` is computed in int32; sequences are limited to 2**31 keys.
+- A row with no visible key keeps `m = -inf`; callers must guard `exp2(-inf - -inf)`
+  (`safe_max` below returns 0 for such rows).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634  # log2(e)
+LN2: tl.constexpr = 0.6931471805599453  # ln(2)
+
+
+@triton.jit
+def visible_2d(i2, j2, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+               w_sink, w_left, w_right, w_near):
+    """Visibility (SPEC §3) for broadcastable query positions i2 and key positions j2
+    ([M, 1] x [1, N], or transposed [1, M] x [N, 1] in the backward), including j < seqlen_k.
+
+    dist_offset = seqlen_k - seqlen_q. Local windows: key visible iff dist >= 0 and
+    (dist < near, or near + right <= dist < near + right + left, or key < sink).
+    """
+    dist = i2 + dist_offset - j2
+    m = j2 < seqlen_k
+    if IS_LOCAL:
+        band = (dist < w_near) | ((dist >= w_near + w_right) & (dist < w_near + w_right + w_left))
+        band = band | (j2 < w_sink)
+        m = m & (dist >= 0) & band
+    elif IS_CAUSAL:
+        m = m & (dist >= 0)
+    return m
+
+
+@triton.jit
+def visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+            w_sink, w_left, w_right, w_near):
+    """[M, N] mask of the keys each query row o_m may see among keys o_n (see visible_2d)."""
+    return visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
+                      w_sink, w_left, w_right, w_near)
+
+
+@triton.jit
+def gate_2d(x, IS_LOGSIGMOID: tl.constexpr):
+    """g(x) for x = alpha * delta (any shape, fp32): logsigmoid(x) or x."""
+    if IS_LOGSIGMOID:
+        # logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), stable for any x
+        x = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+    return x
+
+
+@triton.jit
+def gate_grad_2d(x, IS_LOGSIGMOID: tl.constexpr):
+    """g'(x): sigmoid(-x) for logsigmoid, 1 for linear."""
+    if IS_LOGSIGMOID:
+        return 1.0 / (1.0 + tl.exp(x))
+    return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def gate(alpha, delta, IS_LOGSIGMOID: tl.constexpr):
+    """g = logsigmoid(alpha * delta) or alpha * delta, fp32, for alpha [M], delta [N] -> [M, N]."""
+    return gate_2d(alpha[:, None] * delta[None, :], IS_LOGSIGMOID)
+
+
+@triton.jit
+def safe_max(m):
+    """Row max usable as an exp2 offset: -inf (no visible key yet) becomes 0."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def online_softmax_step(b_s, m_i, l_i):
+    """One online-softmax update over a tile of base-2 scores b_s [M, N] (masked keys = -inf).
+
+    Returns (b_p [M, N] unnormalised probabilities, m_new, l_new, b_rescale [M]); the caller
+    rescales its accumulator by b_rescale and adds b_p @ V.
+    """
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    m_use = safe_max(m_new)
+    b_p = tl.math.exp2(b_s - m_use[:, None])
+    b_rescale = tl.math.exp2(m_i - m_use)  # 0 while m_i is -inf
+    l_new = l_i * b_rescale + tl.sum(b_p, 1)
+    return b_p, m_new, l_new, b_rescale

@@ -1,0 +1,315 @@
+"""Attention forward: one kernel for dense, sparse and gated, batched and varlen, causal and local.
+
+Notation
+- B batch, H query heads, Hkv key/value heads, G = H // Hkv query heads per KV head.
+- Program (pid_m, pid_bh): one BLOCK_M tile of queries of one (batch, query head).
+- `b_q` [BLOCK_M, D] query tile, `b_k` [D, BLOCK_N] transposed key tile, `b_v` [BLOCK_N, D].
+- `b_s` [BLOCK_M, BLOCK_N] base-2 scores: (q.k + g) * scale * log2(e).
+- `m_i`, `l_i` [BLOCK_M]: running row max (base 2) and row sum of exp2(b_s - m_i).
+- Key ranges: a query tile visits only key tiles that may be visible (causal: up to the
+  diagonal; local: the sink, the far band and the near band). Tiles that are fully visible for
+  every row run without a mask (stage MASKED=False), the others with it.
+
+Caution
+- Varlen sequences are addressed through cu_seqlens; a program whose query tile starts past
+  its sequence returns at once (the grid is sized by max_seqlen_q).
+- Offsets into q/k/v/out are int64 (large caches); per-sequence positions are int32.
+- lse of a row with no visible key is -inf and its output 0; such rows never produce NaN.
+- bf16 `tl.dot` cannot run under TRITON_INTERPRET (it multiplies raw bits): test in fp16 there.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import LN2, LOG2E, gate, online_softmax_step, visible
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               ROW_MASK: tl.constexpr):
+    """Load a [rows, HEAD_DIM_PAD] (or transposed) tile; masks only what can be out of range."""
+    if ROW_MASK:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            return tl.load(ptrs, mask=row_ok, other=0.0)
+        return tl.load(ptrs, mask=row_ok & (o_d < HEAD_DIM), other=0.0)
+    if HEAD_DIM == HEAD_DIM_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=o_d < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
+    stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+):
+    """The online-softmax body (the only copy): visit key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = o_n < seqlen_k
+        # [D, N] transposed key tile
+        b_k = _load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
+                         n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        b_s = tl.dot(b_q, b_k)  # [M, N] fp32
+        if HAS_GATE:
+            if MASKED:
+                b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0)
+            else:
+                b_delta = tl.load(p_delta0 + o_n * stride_ds)
+            b_s += gate(b_alpha, b_delta.to(tl.float32), IS_LOGSIGMOID)
+        b_s = b_s * scale_log2
+        if MASKED:
+            m_vis = visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
+                            w_sink, w_left, w_right, w_near)
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
+        # [N, D] value tile
+        b_v = _load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
+                         n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        acc = acc * b_r[:, None]
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                IS_LOCAL: tl.constexpr):
+    """Key-tile ranges a query tile must visit, as (lo0, hi0) unmasked and up to three masked
+    ranges (lo1, hi1), (lo2, hi2), (lo3, hi3); all multiples of BLOCK_N, disjoint, ordered.
+    Fully hidden tiles fall outside every range."""
+    m_first = start_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, seqlen_q) - 1
+    n_tiles_end = tl.cdiv(seqlen_k, BLOCK_N) * BLOCK_N
+    zero = m_first * 0
+    if IS_LOCAL:
+        # last visible key of the tile (dist >= 0 for its last row), exclusive end in tiles
+        d_hi = tl.minimum(m_last + dist_offset + 1, seqlen_k)
+        hi_all = tl.cdiv(tl.maximum(d_hi, 0), BLOCK_N) * BLOCK_N
+        # sink [0, sink)
+        hi1 = tl.minimum(tl.cdiv(tl.minimum(w_sink, seqlen_k), BLOCK_N) * BLOCK_N, hi_all)
+        # far band: dist in [near + right, near + right + left)
+        f_lo = tl.maximum(m_first + dist_offset - (w_near + w_right + w_left) + 1, 0)
+        f_hi = tl.minimum(m_last + dist_offset - (w_near + w_right) + 1, seqlen_k)
+        lo2 = tl.maximum((f_lo // BLOCK_N) * BLOCK_N, hi1)
+        hi2 = tl.where((w_left > 0) & (f_hi > f_lo),
+                       tl.minimum(tl.cdiv(tl.maximum(f_hi, 0), BLOCK_N) * BLOCK_N, hi_all), lo2)
+        hi2 = tl.maximum(hi2, lo2)
+        # near band: dist in [0, near)
+        n_lo = tl.maximum(m_first + dist_offset - w_near + 1, 0)
+        lo3 = tl.maximum((n_lo // BLOCK_N) * BLOCK_N, hi2)
+        lo3 = tl.maximum(lo3, hi1)
+        hi3 = tl.where(w_near > 0, hi_all, lo3)
+        hi3 = tl.maximum(hi3, lo3)
+        return zero, zero, zero, hi1, lo2, hi2, lo3, hi3
+    if IS_CAUSAL:
+        # tiles fully left of the first row's diagonal need no mask
+        full = tl.minimum(m_first + dist_offset + 1, seqlen_k)
+        hi0 = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m_last + dist_offset + 1, seqlen_k)
+        hi1 = tl.maximum(tl.cdiv(tl.maximum(hi, 0), BLOCK_N) * BLOCK_N, hi0)
+        return zero, hi0, hi0, hi1, hi1, hi1, hi1, hi1
+    hi0 = seqlen_k // BLOCK_N * BLOCK_N
+    return zero, hi0, hi0, n_tiles_end, n_tiles_end, n_tiles_end, n_tiles_end, n_tiles_end
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls,
+    stride_ab, stride_ah, stride_as,
+    stride_db, stride_dh, stride_ds,
+    stride_wh,
+    seqlen_q_fixed, seqlen_k_fixed, scale_log2, H, GROUP,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+):
+    # heavy (late, causal) query tiles first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        b_off = 0
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_fixed
+        seqlen_k = seqlen_k_fixed
+        b_off = b
+    if HAS_SEQUSED_K:
+        seqlen_k = tl.minimum(tl.load(SEQUSED_K + b), seqlen_k)
+    start_m = pid_m
+    if start_m * BLOCK_M >= seqlen_q:
+        return
+    dist_offset = seqlen_k - seqlen_q
+
+    if IS_LOCAL:
+        p_w = WINDOWS + (h if WINDOW_PER_QHEAD else hk) * stride_wh
+        w_sink = tl.load(p_w + 0)
+        w_left = tl.load(p_w + 1)
+        w_right = tl.load(p_w + 2)
+        w_near = tl.load(p_w + 3)
+    else:
+        w_sink = 0
+        w_left = 0
+        w_right = 0
+        w_near = 0
+
+    o_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, HEAD_DIM_PAD)
+    m_ok = o_m < seqlen_q
+
+    p_q = (Q + b_off.to(tl.int64) * stride_qb + (q_start + o_m[:, None]).to(tl.int64) * stride_qs
+           + h * stride_qh + o_d[None, :])
+    b_q = _load_tile(p_q, m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    p_k0 = K + b_off.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
+    p_v0 = V + b_off.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+
+    if HAS_GATE:
+        b_alpha = tl.load(ALPHA + b_off.to(tl.int64) * stride_ab + h * stride_ah
+                          + (q_start + o_m).to(tl.int64) * stride_as, mask=m_ok, other=0.0)
+        b_alpha = b_alpha.to(tl.float32)
+        p_delta0 = DELTA + b_off.to(tl.int64) * stride_db + hk * stride_dh \
+            + k_start.to(tl.int64) * stride_ds
+    else:
+        b_alpha = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_delta0 = DELTA
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
+        start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+        BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+    # stage 1: fully visible tiles, no mask
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
+        stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    # stage 2: tiles crossing a mask boundary (diagonal, band edges, sequence end)
+    acc, m_i, l_i = _fwd_tiles(
+        acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
+        stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    if IS_LOCAL:
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
+            stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+            w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID)
+        acc, m_i, l_i = _fwd_tiles(
+            acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
+            stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+            w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID)
+
+    # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    b_lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    p_o = (O + b_off.to(tl.int64) * stride_ob + (q_start + o_m[:, None]).to(tl.int64) * stride_os
+           + h * stride_oh + o_d[None, :])
+    if HEAD_DIM == HEAD_DIM_PAD:
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))
+    p_lse = LSE + b_off.to(tl.int64) * stride_lb + h * stride_lh \
+        + (q_start + o_m).to(tl.int64) * stride_ls
+    tl.store(p_lse, b_lse, mask=m_ok)
+
+
+def _strides3(t, is_varlen):
+    """(batch, seq, head) strides of q/k/v/out; batch stride 0 for varlen [total, H, D]."""
+    if t is None:
+        return 0, 0, 0
+    if is_varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _gate_strides(t, is_varlen):
+    """(batch, head, seq) strides of alpha [B,H,S] / delta [B,Hkv,S] (varlen: [H, total])."""
+    if t is None:
+        return 0, 0, 0
+    if is_varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                    window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
+                    softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
+                    deterministic):
+    is_varlen = cu_seqlens_q is not None
+    if is_varlen:
+        batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
+        num_kv_heads = k.shape[1]
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    else:
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse_shape = (num_heads, q.shape[0]) if is_varlen else (batch, num_heads, seqlen_q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    skip = torch.zeros(
+        configs.skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                           softmax_threshold > 0 or alpha is not None),
+        dtype=torch.uint8, device=q.device)
+    if q.numel() == 0 or batch == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse, skip
+
+    cfg = configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
+                             window_sizes is not None, alpha is not None)
+    head_dim_pad = configs.head_dim_pad(head_dim)
+    is_local = window_sizes is not None
+    if is_varlen:
+        stride_l = (0, lse.stride(0), lse.stride(1))
+    else:
+        stride_l = (lse.stride(0), lse.stride(1), lse.stride(2))
+    grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * num_heads)
+    dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        alpha if alpha is not None else dummy, delta if delta is not None else dummy,
+        cu_seqlens_q if is_varlen else dummy, cu_seqlens_k if is_varlen else dummy,
+        seqused_k if seqused_k is not None else dummy,
+        window_sizes if is_local else dummy,
+        *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
+        *_strides3(out, is_varlen), *stride_l,
+        *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
+        window_sizes.stride(0) if is_local else 0,
+        seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
+        num_heads // num_kv_heads,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
+        WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
+        and num_heads != num_kv_heads,
+        IS_VARLEN=is_varlen, HAS_SEQUSED_K=seqused_k is not None,
+        HAS_GATE=alpha is not None, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse, skip
