@@ -109,72 +109,107 @@ def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_ri
 
 
 @triton.jit
-def _dkdv_tiles(
+def _dkdv_tile(
     b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
-    p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs, stride_das, lo,
-    hi, seqlen_q, seqlen_k,
-    dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+    p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs, stride_das,
+    start_m, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    """One (query tile, key tile) pair of the dK/dV program (the only copy of its math)."""
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = o_m < seqlen_q
+    rows = o_m.to(tl.int64)
+    # [D, M] transposed query tile, [M, D] dO tile (rows past seqlen_q load 0)
+    b_qT = _load_tile(p_q0 + rows[None, :] * stride_qs + o_d[:, None], m_ok[None, :],
+                      o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_do = _load_tile(p_do0 + rows[:, None] * stride_dos + o_d[None, :], m_ok[:, None],
+                      o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_lse2 = tl.load(p_lse2 + rows * stride_ls, mask=m_ok, other=float("inf"))
+    b_di = tl.load(p_di + rows * stride_ls, mask=m_ok, other=0.0)
+    b_sT = tl.dot(b_k, b_qT)  # [N, M]
+    if HAS_GATE:
+        b_alpha = tl.load(p_alpha0 + rows * stride_as, mask=m_ok, other=0.0).to(tl.float32)
+        b_x = b_delta[:, None] * b_alpha[None, :]
+        b_sT += gate_2d(b_x, IS_LOGSIGMOID)
+    b_pT = tl.math.exp2(b_sT * scale_log2 - b_lse2[None, :])
+    if MASKED:
+        m_vis = visible_2d(o_m[None, :], o_n[:, None], dist_offset, seqlen_k, IS_CAUSAL,
+                           IS_LOCAL, w_sink, w_left, w_right, w_near)
+        b_pT = tl.where(m_vis, b_pT, 0.0)
+    b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
+    b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
+    b_dsT = b_pT * (b_dpT - b_di[None, :])
+    b_dk = tl.dot(b_dsT.to(b_qT.dtype), tl.trans(b_qT), b_dk)
+    if HAS_GATE:
+        b_dxT = b_dsT * gate_grad_2d(b_x, IS_LOGSIGMOID)
+        b_ddelta += tl.sum(b_dxT * b_alpha[None, :], 1)
+        if ATOMIC_DQ:
+            tl.atomic_add(p_dalpha0 + rows * stride_das,
+                          tl.sum(b_dxT * b_delta[:, None], 0) * scale, mask=m_ok,
+                          sem="relaxed")
+    if ATOMIC_DQ:
+        b_dq = tl.dot(tl.trans(b_dsT.to(b_k.dtype)), b_k) * scale  # [M, D]
+        p_dq = p_dq0 + rows[:, None] * stride_dqs + o_d[None, :]
+        tl.atomic_add(p_dq, b_dq, mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM),
+                      sem="relaxed")
+    return b_dk, b_dv, b_ddelta
+
+
+@triton.jit
+def _dkdv_tiles(
+    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
+    p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
+    stride_das, stride_sm, lo, hi, seqlen_q, seqlen_k,
+    dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
+):
+    """Visit query tiles [lo, hi) for one key tile; with HAS_SKIP, pairs the forward skipped
+    (code >= 2 in p_skip, indexed by query block) are passed over."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        o_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = o_m < seqlen_q
-        rows = o_m.to(tl.int64)
-        # [D, M] transposed query tile, [M, D] dO tile (rows past seqlen_q load 0)
-        b_qT = _load_tile(p_q0 + rows[None, :] * stride_qs + o_d[:, None], m_ok[None, :],
-                          o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, True)
-        b_do = _load_tile(p_do0 + rows[:, None] * stride_dos + o_d[None, :], m_ok[:, None],
-                          o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
-        b_lse2 = tl.load(p_lse2 + rows * stride_ls, mask=m_ok, other=float("inf"))
-        b_di = tl.load(p_di + rows * stride_ls, mask=m_ok, other=0.0)
-        b_sT = tl.dot(b_k, b_qT)  # [N, M]
-        if HAS_GATE:
-            b_alpha = tl.load(p_alpha0 + rows * stride_as, mask=m_ok, other=0.0).to(tl.float32)
-            b_x = b_delta[:, None] * b_alpha[None, :]
-            b_sT += gate_2d(b_x, IS_LOGSIGMOID)
-        b_pT = tl.math.exp2(b_sT * scale_log2 - b_lse2[None, :])
-        if MASKED:
-            m_vis = visible_2d(o_m[None, :], o_n[:, None], dist_offset, seqlen_k, IS_CAUSAL,
-                               IS_LOCAL, w_sink, w_left, w_right, w_near)
-            b_pT = tl.where(m_vis, b_pT, 0.0)
-        b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
-        b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
-        b_dsT = b_pT * (b_dpT - b_di[None, :])
-        b_dk = tl.dot(b_dsT.to(b_qT.dtype), tl.trans(b_qT), b_dk)
-        if HAS_GATE:
-            b_dxT = b_dsT * gate_grad_2d(b_x, IS_LOGSIGMOID)
-            b_ddelta += tl.sum(b_dxT * b_alpha[None, :], 1)
-            if ATOMIC_DQ:
-                tl.atomic_add(p_dalpha0 + rows * stride_das,
-                              tl.sum(b_dxT * b_delta[:, None], 0) * scale, mask=m_ok,
-                              sem="relaxed")
-        if ATOMIC_DQ:
-            b_dq = tl.dot(tl.trans(b_dsT.to(b_k.dtype)), b_k) * scale  # [M, D]
-            p_dq = p_dq0 + rows[:, None] * stride_dqs + o_d[None, :]
-            tl.atomic_add(p_dq, b_dq, mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM),
-                          sem="relaxed")
+        if HAS_SKIP:
+            code = tl.load(p_skip + (start_m // SKIP_M) * stride_sm)
+            if code < 2:
+                b_dk, b_dv, b_ddelta = _dkdv_tile(
+                    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2,
+                    p_di, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls,
+                    stride_as, stride_dqs, stride_das, start_m, seqlen_q, seqlen_k,
+                    dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                    HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+                    ATOMIC_DQ)
+        else:
+            b_dk, b_dv, b_ddelta = _dkdv_tile(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di,
+                p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
+                stride_dqs, stride_das, start_m, seqlen_q, seqlen_k, dist_offset, scale,
+                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
     return b_dk, b_dv, b_ddelta
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE2, DI, ALPHA, DELTA, DALPHA, DDELTA, CU_Q, CU_K, SEQUSED_K,
-    WINDOWS,
+    WINDOWS, SKIP,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh, stride_lb, stride_lh, stride_ls,
     stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
     stride_dab, stride_dah, stride_das, stride_ddb, stride_ddh, stride_dds, stride_wh,
+    stride_sb, stride_sh, stride_sm,
     seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, HKV, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -238,30 +273,31 @@ def _attn_bwd_dkdv_kernel(
         p_alpha0 = ALPHA + b_off64 * stride_ab + h * stride_ah + q_start.to(tl.int64) * stride_as
         p_dalpha0 = DALPHA + b_off64 * stride_dab + h * stride_dah \
             + q_start.to(tl.int64) * stride_das
+        p_skip = SKIP + b * stride_sb + h * stride_sh + start_n // SKIP_N
         lo1, hi1, lo2, hi2, lo3, hi3 = _query_ranges(
             start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
         b_dk, b_dv, b_ddelta = _dkdv_tiles(
             b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
-            stride_dqs, stride_das,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm,
             lo1, hi1, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
             w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL,
-            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
         b_dk, b_dv, b_ddelta = _dkdv_tiles(
             b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
-            stride_dqs, stride_das,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm,
             lo2, hi2, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
             w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL,
-            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
         b_dk, b_dv, b_ddelta = _dkdv_tiles(
             b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
-            stride_dqs, stride_das,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm,
             lo3, hi3, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
             w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL,
-            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
 
     # keys past seqused_k (and padding rows) get zero gradients
     w_ok = (o_n < seqlen_k_all)[:, None]
@@ -279,55 +315,84 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(
+def _dq_tile(
     b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-    stride_ks, stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2,
+    stride_ks, stride_vs, stride_ds, start_n, seqlen_k, dist_offset, scale_log2,
     w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
 ):
+    """One (query tile, key tile) pair of the deterministic dQ kernel."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = o_n < seqlen_k
+    rows = o_n.to(tl.int64)
+    b_kT = _load_tile(p_k0 + rows[None, :] * stride_ks + o_d[:, None], n_ok[None, :],
+                      o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    b_vT = _load_tile(p_v0 + rows[None, :] * stride_vs + o_d[:, None], n_ok[None, :],
+                      o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    b_s = tl.dot(b_q, b_kT)  # [M, N]
+    if HAS_GATE:
+        b_delta = tl.load(p_delta0 + rows * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
+        b_x = b_alpha[:, None] * b_delta[None, :]
+        b_s += gate_2d(b_x, IS_LOGSIGMOID)
+    b_p = tl.math.exp2(b_s * scale_log2 - b_lse2[:, None])
+    if MASKED:
+        m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
+                           IS_LOCAL, w_sink, w_left, w_right, w_near)
+        b_p = tl.where(m_vis, b_p, 0.0)
+    b_dp = tl.dot(b_do, b_vT)
+    b_ds = b_p * (b_dp - b_di[:, None])
+    b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
+    if HAS_GATE:
+        b_dalpha += tl.sum(b_ds * gate_grad_2d(b_x, IS_LOGSIGMOID) * b_delta[None, :], 1)
+    return b_dq, b_dalpha
+
+
+@triton.jit
+def _dq_tiles(
+    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+    stride_ks, stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2,
+    w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SKIP_N: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = o_n < seqlen_k
-        rows = o_n.to(tl.int64)
-        b_kT = _load_tile(p_k0 + rows[None, :] * stride_ks + o_d[:, None], n_ok[None, :],
-                          o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        b_vT = _load_tile(p_v0 + rows[None, :] * stride_vs + o_d[:, None], n_ok[None, :],
-                          o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        b_s = tl.dot(b_q, b_kT)  # [M, N]
-        if HAS_GATE:
-            b_delta = tl.load(p_delta0 + rows * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
-            b_x = b_alpha[:, None] * b_delta[None, :]
-            b_s += gate_2d(b_x, IS_LOGSIGMOID)
-        b_p = tl.math.exp2(b_s * scale_log2 - b_lse2[:, None])
-        if MASKED:
-            m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
-                               IS_LOCAL, w_sink, w_left, w_right, w_near)
-            b_p = tl.where(m_vis, b_p, 0.0)
-        b_dp = tl.dot(b_do, b_vT)
-        b_ds = b_p * (b_dp - b_di[:, None])
-        b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
-        if HAS_GATE:
-            b_dalpha += tl.sum(b_ds * gate_grad_2d(b_x, IS_LOGSIGMOID) * b_delta[None, :], 1)
+        if HAS_SKIP:
+            code = tl.load(p_skip + start_n // SKIP_N)
+            if code < 2:
+                b_dq, b_dalpha = _dq_tile(
+                    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0,
+                    p_delta0, stride_ks, stride_vs, stride_ds, start_n, seqlen_k, dist_offset,
+                    scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD,
+                    BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+        else:
+            b_dq, b_dalpha = _dq_tile(
+                b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0,
+                p_delta0, stride_ks, stride_vs, stride_ds, start_n, seqlen_k, dist_offset,
+                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
     return b_dq, b_dalpha
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE2, DI, ALPHA, DELTA, DALPHA, CU_Q, CU_K, SEQUSED_K, WINDOWS,
+    Q, K, V, DO, DQ, LSE2, DI, ALPHA, DELTA, DALPHA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
     stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
-    stride_dab, stride_dah, stride_das, stride_wh,
+    stride_dab, stride_dah, stride_das, stride_wh, stride_sb, stride_sh, stride_sm,
     seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, H, GROUP,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+    HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     """Deterministic dQ (and dalpha) for one query tile, no atomics."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -386,31 +451,32 @@ def _attn_bwd_dq_kernel(
     p_delta0 = DELTA + b_off64 * stride_db + hk * stride_dh + k_start.to(tl.int64) * stride_ds
     b_dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     b_dalpha = tl.zeros([BLOCK_M], dtype=tl.float32)
+    p_skip = SKIP + b * stride_sb + h * stride_sh + (start_m * BLOCK_M // SKIP_M) * stride_sm
 
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
     b_dq, b_dalpha = _dq_tiles(
         b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-        stride_ks, stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink,
+        p_skip, stride_ks, stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink,
         w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL,
-        HAS_GATE, IS_LOGSIGMOID)
+        HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     b_dq, b_dalpha = _dq_tiles(
         b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-        stride_ks, stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink,
+        p_skip, stride_ks, stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink,
         w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL,
-        HAS_GATE, IS_LOGSIGMOID)
+        HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     if IS_LOCAL:
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
+            p_skip, stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
             w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
+            p_skip, stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
             w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh
              + o_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))
@@ -422,7 +488,8 @@ def _attn_bwd_dq_kernel(
 def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q, cu_seqlens_k,
                     seqused_k, window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale,
                     is_causal, softmax_threshold, gate_threshold, is_logsigmoid_gate,
-                    is_adapt_gate, deterministic):
+                    is_adapt_gate, deterministic, config=None):
+    """`config` overrides the launch config (scripts/tune.py only)."""
     is_varlen = cu_seqlens_q is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
@@ -442,8 +509,9 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dalpha.zero_(), ddelta.zero_()
 
-    cfg = configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
-                             window_sizes is not None, has_gate)
+    has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold > 0))
+    cfg = config or configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
+                                       window_sizes is not None, has_gate, has_skip)
     head_dim_pad = configs.head_dim_pad(head_dim)
     is_local = window_sizes is not None
     lse = lse.contiguous()
@@ -472,18 +540,21 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         SEQUSED_K=seqused_k if seqused_k is not None else dummy,
         WINDOWS=window_sizes if is_local else dummy,
         ALPHA=alpha if has_gate else dummy, DELTA=delta if has_gate else dummy,
+        SKIP=skip if has_skip else dummy,
     )
+    stride_s = skip.stride()[:3] if has_skip else (0, 0, 0)
+    flags.update(HAS_SKIP=has_skip, SKIP_M=configs.SKIP_BLOCK_M, SKIP_N=configs.SKIP_BLOCK_N)
     scale_log2 = softmax_scale * 1.4426950408889634
     _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * num_kv_heads)](
         q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
         dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"], tensors["SEQUSED_K"],
-        tensors["WINDOWS"],
+        tensors["WINDOWS"], tensors["SKIP"],
         *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
         *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
         *_strides3(dv, is_varlen), *stride_l, *_gate_strides(alpha, is_varlen),
         *_gate_strides(delta, is_varlen), *_gate_strides(dalpha if has_gate else None, is_varlen),
         *_gate_strides(ddelta if has_gate else None, is_varlen),
-        window_sizes.stride(0) if is_local else 0,
+        window_sizes.stride(0) if is_local else 0, *stride_s,
         seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads, num_heads // num_kv_heads,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
@@ -492,12 +563,12 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m_dq), batch * num_heads)](
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],
-            tensors["SEQUSED_K"], tensors["WINDOWS"],
+            tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
             *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
             *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *stride_l,
             *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
             *_gate_strides(dalpha if has_gate else None, is_varlen),
-            window_sizes.stride(0) if is_local else 0,
+            window_sizes.stride(0) if is_local else 0, *stride_s,
             seqlen_q, seqlen_k, softmax_scale, scale_log2, num_heads,
             num_heads // num_kv_heads,
             BLOCK_M=cfg.block_m_dq, BLOCK_N=cfg.block_n_dq,

@@ -48,6 +48,28 @@ def visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: 
 
 
 @triton.jit
+def visible_count(i, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+                  w_sink, w_left, w_right, w_near):
+    """Number of keys query row(s) i see (SPEC §3), in closed form (int32)."""
+    e = i + dist_offset  # the last key with dist >= 0
+    if IS_LOCAL:
+        top = tl.minimum(e, seqlen_k - 1) + 1  # keys [0, top) have dist >= 0
+        n_lo = tl.maximum(e - w_near + 1, 0)  # near band [n_lo, top)
+        f_lo = tl.maximum(e - w_near - w_right - w_left + 1, 0)  # far band [f_lo, f_hi)
+        f_hi = tl.minimum(e - w_near - w_right + 1, top)
+        s_hi = tl.minimum(w_sink, top)  # sink [0, s_hi)
+        n_cnt = tl.maximum(top - n_lo, 0)
+        f_cnt = tl.maximum(f_hi - f_lo, 0)
+        s_cnt = tl.maximum(s_hi, 0)
+        s_and_n = tl.maximum(tl.minimum(s_hi, top) - n_lo, 0)
+        s_and_f = tl.maximum(tl.minimum(s_hi, f_hi) - f_lo, 0)
+        return n_cnt + f_cnt + s_cnt - s_and_n - s_and_f
+    if IS_CAUSAL:
+        return tl.minimum(tl.maximum(e + 1, 0), seqlen_k)
+    return tl.zeros_like(i) + seqlen_k
+
+
+@triton.jit
 def gate_2d(x, IS_LOGSIGMOID: tl.constexpr):
     """g(x) for x = alpha * delta (any shape, fp32): logsigmoid(x) or x."""
     if IS_LOGSIGMOID:

@@ -79,11 +79,18 @@ def _table_lookup(kernel: str, arch: str, key: str):
     return Config(*entry) if entry else None
 
 
-def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate) -> Config:
-    """Forward tile shape and pipelining for one launch."""
+def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
+               has_skip=False) -> Config:
+    """Forward tile shape and pipelining for one launch. With block skipping the tile is the
+    skip block (SKIP_BLOCK_M x SKIP_BLOCK_N) whatever the table says."""
+    d = head_dim_pad(head_dim)
+    if has_skip:
+        if interpreting() or q.device.type == "cpu":
+            return Config(SKIP_BLOCK_M, SKIP_BLOCK_N, 4, 1)
+        found = _table_lookup("fwd_skip", _arch_key(q), f"d{d}")
+        return found or Config(SKIP_BLOCK_M, SKIP_BLOCK_N, 8, 3 if d <= 128 else 2)
     if interpreting() or q.device.type == "cpu":
         return Config(32, 32, 4, 1)
-    d = head_dim_pad(head_dim)
     found = _table_lookup("fwd", _arch_key(q), f"d{d}")
     if found is not None:
         return found
@@ -107,16 +114,21 @@ class BwdConfig:
     block_m_pre: int = 64  # preprocess
 
 
-def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate) -> BwdConfig:
-    """Backward tile shapes. dK/dV tiles must nest in the forward's skip blocks
-    (block_m divides SKIP_BLOCK_M, block_n divides SKIP_BLOCK_N) so a skipped pair is skipped
-    whole."""
+def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
+               has_skip=False) -> BwdConfig:
+    """Backward tile shapes. With block skipping every tile must nest in a skip block
+    (block_m divides SKIP_BLOCK_M, block_n divides SKIP_BLOCK_N) so a pair the forward skipped
+    is skipped whole."""
     if interpreting() or q.device.type == "cpu":
         return BwdConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
     d = head_dim_pad(head_dim)
-    found = launch_tables().get(_arch_key(q), {}).get("bwd", {}).get(f"d{d}")
+    found = launch_tables().get(_arch_key(q), {}).get("bwd_skip" if has_skip else "bwd",
+                                                      {}).get(f"d{d}")
     if found:
         return BwdConfig(*found)
+    if has_skip:
+        return BwdConfig(64, 64, 8, 2, 64, 64, 8, 2) if d <= 128 else \
+            BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
     if d <= 64:
         return BwdConfig(64, 64, 4, 3, 64, 64, 4, 3)
     if d <= 128:

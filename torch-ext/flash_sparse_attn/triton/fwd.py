@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LN2, LOG2E, gate, online_softmax_step, visible
+from .common import LN2, LOG2E, gate, gate_2d, online_softmax_step, visible, visible_count
 
 
 @triton.jit
@@ -42,40 +42,114 @@ def _load_tile(ptrs, row_ok, o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.const
 
 
 @triton.jit
+def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+                 dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                 IS_LOGSIGMOID: tl.constexpr):
+    """Base-2 scores of one tile, masked keys at -inf: ((q.k + g) * scale * log2e)."""
+    # [D, N] transposed key tile
+    b_k = _load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
+                     n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    b_s = tl.dot(b_q, b_k)  # [M, N] fp32
+    if HAS_GATE:
+        b_g = gate(b_alpha, b_delta, IS_LOGSIGMOID)
+        b_s += b_g
+    else:
+        b_g = b_s
+    b_s = b_s * scale_log2
+    if MASKED:
+        m_vis = visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
+                        w_sink, w_left, w_right, w_near)
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+    return b_s, b_g
+
+
+@triton.jit
+def _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
+    """The online-softmax update (the only copy): rescale, add P @ V."""
+    b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
+    # [N, D] value tile
+    b_v = _load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
+                     n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    acc = acc * b_r[:, None]
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
-    stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+    stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+    w_near, b_thr, b_gthr, a_lo, a_hi,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
 ):
-    """The online-softmax body (the only copy): visit key tiles [lo, hi)."""
+    """Visit key tiles [lo, hi).
+
+    PHASE 0: dense (no skipping). PHASE 1: anchor tiles of the skip rule: always kept; also
+    tracks `g_ref`, the row max of the gate over visible anchor keys. PHASE 2: every other
+    tile (tile 0 and the anchors [a_lo, a_hi) are passed over), with the tests of SPEC §5/§6:
+    - gate test (before loading K): skip when for every row scale*(gmax - g_ref) < ln(tg),
+      i.e. gmax * scale_log2 < b_gthr, where gmax bounds g over the tile from delta extremes;
+    - softmax test (after Q.K^T): skip when for every row rowmax(s2) < b_thr
+      (b_thr = m_ref + log2(t * l_ref / visible_len), base 2).
+    Tile codes written to p_skip[tile] (phases 1, 2): 1 kept, 2 softmax skip, 3 gate skip;
+    tiles never visited stay 0."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seqlen_k
-        # [D, N] transposed key tile
-        b_k = _load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
-                         n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        b_s = tl.dot(b_q, b_k)  # [M, N] fp32
         if HAS_GATE:
             if MASKED:
                 b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0)
             else:
                 b_delta = tl.load(p_delta0 + o_n * stride_ds)
-            b_s += gate(b_alpha, b_delta.to(tl.float32), IS_LOGSIGMOID)
-        b_s = b_s * scale_log2
-        if MASKED:
-            m_vis = visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
-                            w_sink, w_left, w_right, w_near)
-            b_s = tl.where(m_vis, b_s, float("-inf"))
-        b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
-        # [N, D] value tile
-        b_v = _load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
-                         n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        acc = acc * b_r[:, None]
-        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
-    return acc, m_i, l_i
+            b_delta = b_delta.to(tl.float32)
+        else:
+            b_delta = b_alpha
+        if PHASE == 2:
+            keep = (start_n != 0) & ((start_n < a_lo) | (start_n >= a_hi))
+            code = start_n * 0 + 1
+            if GATE_SKIP:
+                # g is monotone in x = alpha * delta: its max over the tile needs only the
+                # extremes of delta over the keys that exist
+                d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
+                d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
+                x_max = tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min)
+                g_max = gate_2d(x_max, IS_LOGSIGMOID)
+                if tl.max((g_max * scale_log2 >= b_gthr).to(tl.int32), 0) == 0:
+                    code = start_n * 0 + 3
+            if keep & (code == 1):
+                b_s, b_g = _tile_scores(
+                    b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+                    dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                    HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+                if HAS_THRESHOLD:
+                    b_mx = tl.max(b_s, 1)
+                    if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
+                        code = start_n * 0 + 2
+                if code == 1:
+                    acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                                                     stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+            if keep:
+                tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
+        else:
+            b_s, b_g = _tile_scores(
+                b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+                dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            if GATE_SKIP and PHASE == 1:
+                g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
+                                                          float("-inf")), 1))
+            acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                                             stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+            if PHASE == 1:
+                tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
+    return acc, m_i, l_i, g_ref
 
 
 @triton.jit
@@ -122,7 +196,7 @@ def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_righ
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS,
+    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -130,13 +204,14 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_ab, stride_ah, stride_as,
     stride_db, stride_dh, stride_ds,
-    stride_wh,
-    seqlen_q_fixed, seqlen_k_fixed, scale_log2, H, GROUP,
+    stride_wh, stride_sb, stride_sh, stride_sm,
+    seqlen_q_fixed, seqlen_k_fixed, scale_log2, H, GROUP, softmax_threshold, gate_threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, GATE_SKIP: tl.constexpr, IS_ADAPT_GATE: tl.constexpr,
 ):
     # heavy (late, causal) query tiles first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -203,27 +278,86 @@ def _attn_fwd_kernel(
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+    g_ref = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if HAS_THRESHOLD or GATE_SKIP:
+        # ---- block-skip rule (SPEC §5, §6): anchors first, then tested tiles -------------
+        p_skip = SKIP + b * stride_sb + h * stride_sh + start_m * stride_sm
+        m_first = start_m * BLOCK_M
+        m_last = tl.minimum(m_first + BLOCK_M, seqlen_q) - 1
+        if IS_CAUSAL or IS_LOCAL:
+            # tiles holding some row's last visible key (the diagonal); none if near == 0
+            a_lo = tl.maximum(m_first + dist_offset, 0) // BLOCK_N * BLOCK_N
+            a_hi = tl.cdiv(tl.minimum(tl.maximum(m_last + dist_offset + 1, 0), seqlen_k),
+                           BLOCK_N) * BLOCK_N
+            if IS_LOCAL:
+                a_hi = tl.where(w_near > 0, a_hi, a_lo)
+            a_hi = tl.maximum(a_hi, a_lo)
+        else:
+            a_lo = (seqlen_k - 1) // BLOCK_N * BLOCK_N
+            a_hi = tl.cdiv(seqlen_k, BLOCK_N) * BLOCK_N
+        tile0 = ((lo0 == 0) & (hi0 > 0)) | ((lo1 == 0) & (hi1 > 0)) | \
+            ((lo2 == 0) & (hi2 > 0)) | ((lo3 == 0) & (hi3 > 0))
+        hi_a0 = tl.where(tile0 & (a_lo > 0), BLOCK_N, 0)
+        acc, m_i, l_i, g_ref = _fwd_tiles(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            stride_ks, stride_vs, stride_ds, 0, hi_a0, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
+        acc, m_i, l_i, g_ref = _fwd_tiles(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            stride_ks, stride_vs, stride_ds, a_lo, a_hi, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
+        # thresholds per row; padding rows never block a skip, rows with no anchor key
+        # (no reference statistics) always do
+        vis = visible_count(o_m, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
+                            w_sink, w_left, w_right, w_near).to(tl.float32)
+        vis = tl.maximum(vis, 1.0)
+        b_thr = tl.where(l_i > 0.0,
+                         m_i + tl.math.log2(softmax_threshold * l_i / vis), float("-inf"))
+        b_thr = tl.where(m_ok, b_thr, float("inf"))
+        if IS_ADAPT_GATE and (IS_CAUSAL or IS_LOCAL):
+            tg = gate_threshold * vis / seqlen_k
+        else:
+            tg = tl.zeros([BLOCK_M], dtype=tl.float32) + gate_threshold
+        b_gthr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg),
+                          float("-inf"))
+        b_gthr = tl.where(m_ok, b_gthr, float("inf"))
+        PHASE: tl.constexpr = 2
+    else:
+        a_lo = 0
+        a_hi = 0
+        b_thr = m_i
+        b_gthr = m_i
+        p_skip = SKIP
+        PHASE: tl.constexpr = 0
     # stage 1: fully visible tiles, no mask
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
-        stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+        w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
+        IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
     # stage 2: tiles crossing a mask boundary (diagonal, band edges, sequence end)
-    acc, m_i, l_i = _fwd_tiles(
-        acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
-        stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+        w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+        IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
     if IS_LOCAL:
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
-            stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-            w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID)
-        acc, m_i, l_i = _fwd_tiles(
-            acc, m_i, l_i, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, stride_ks, stride_vs,
-            stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-            w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID)
+        acc, m_i, l_i, g_ref = _fwd_tiles(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
+            HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+            HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
+            HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+            HAS_THRESHOLD, GATE_SKIP, PHASE)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
@@ -262,7 +396,8 @@ def _gate_strides(t, is_varlen):
 def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
                     window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
                     softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
-                    deterministic):
+                    deterministic, config=None):
+    """`config` overrides the launch config (scripts/tune.py only)."""
     is_varlen = cu_seqlens_q is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
@@ -282,8 +417,11 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         lse.fill_(float("-inf"))
         return out.zero_(), lse, skip
 
-    cfg = configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
-                             window_sizes is not None, alpha is not None)
+    has_threshold = softmax_threshold > 0
+    gate_skip = alpha is not None and gate_threshold > 0
+    cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
+                                       window_sizes is not None, alpha is not None,
+                                       has_threshold or gate_skip)
     head_dim_pad = configs.head_dim_pad(head_dim)
     is_local = window_sizes is not None
     if is_varlen:
@@ -297,19 +435,21 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         alpha if alpha is not None else dummy, delta if delta is not None else dummy,
         cu_seqlens_q if is_varlen else dummy, cu_seqlens_k if is_varlen else dummy,
         seqused_k if seqused_k is not None else dummy,
-        window_sizes if is_local else dummy,
+        window_sizes if is_local else dummy, skip if skip.numel() else dummy,
         *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
         *_strides3(out, is_varlen), *stride_l,
         *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
         window_sizes.stride(0) if is_local else 0,
+        *(skip.stride()[:3] if skip.dim() == 4 else (0, 0, 0)),
         seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
-        num_heads // num_kv_heads,
+        num_heads // num_kv_heads, float(softmax_threshold), float(gate_threshold),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
         WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
         and num_heads != num_kv_heads,
         IS_VARLEN=is_varlen, HAS_SEQUSED_K=seqused_k is not None,
         HAS_GATE=alpha is not None, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
+        HAS_THRESHOLD=has_threshold, GATE_SKIP=gate_skip, IS_ADAPT_GATE=bool(is_adapt_gate),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, skip
