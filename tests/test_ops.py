@@ -1,0 +1,139 @@
+"""The registered ops: torch.library.opcheck, torch.compile(fullgraph, dynamic) with no
+recompile across sequence lengths, on the CPU reference path and on the kernel path."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from kernel_utils import HAS_CUDA, INTERPRET
+
+
+@contextmanager
+def _backend(kind):
+    """Run the ops on the CPU reference ("reference") or on the Triton kernels ("kernel":
+    CUDA, or the interpreter on CPU)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if kind == "reference":
+        os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _paths():
+    paths = [("reference", "cpu", torch.float32)]
+    if HAS_CUDA:
+        paths.append(("kernel", "cuda", torch.bfloat16))
+    elif INTERPRET:
+        paths.append(("kernel", "cpu", torch.float16))
+    return paths
+
+
+PATHS = _paths()
+
+
+def _ops(fsa):
+    import importlib
+
+    return importlib.import_module(f"{fsa.__name__}.ops")
+
+
+def _fwd_args(device, dtype, gated=False, varlen=False, s=40):
+    g = torch.Generator().manual_seed(0)
+    h, hkv, d = 4, 2, 32
+    if varlen:
+        cu = torch.tensor([0, 10, 10, s], dtype=torch.int32, device=device)
+        q = torch.randn(s, h, d, generator=g).to(device, dtype)
+        k = torch.randn(s, hkv, d, generator=g).to(device, dtype)
+        v = torch.randn(s, hkv, d, generator=g).to(device, dtype)
+        alpha = torch.randn(h, s, generator=g).to(device, dtype) if gated else None
+        delta = torch.randn(hkv, s, generator=g).to(device, dtype) if gated else None
+        return (q, k, v, alpha, delta, cu, cu, None, None, s - 10, s - 10, d ** -0.5, True,
+                0.0, 0.0, True, False, False)
+    q = torch.randn(2, s, h, d, generator=g).to(device, dtype)
+    k = torch.randn(2, s, hkv, d, generator=g).to(device, dtype)
+    v = torch.randn(2, s, hkv, d, generator=g).to(device, dtype)
+    alpha = torch.randn(2, h, s, generator=g).to(device, dtype) if gated else None
+    delta = torch.randn(2, hkv, s, generator=g).to(device, dtype) if gated else None
+    return (q, k, v, alpha, delta, None, None, None, None, s, s, d ** -0.5, True, 0.0,
+            0.0 if not gated else 0.05, True, False, False)
+
+
+@pytest.mark.parametrize("kind,device,dtype", PATHS)
+@pytest.mark.parametrize("gated,varlen", [(False, False), (True, False), (False, True)])
+def test_opcheck_fwd(fsa, kind, device, dtype, gated, varlen):
+    ops = _ops(fsa)
+    args = _fwd_args(device, dtype, gated, varlen)
+    for i in range(3):
+        if args[i] is not None:
+            args[i].requires_grad_(True)
+    if gated:
+        args[3].requires_grad_(True)
+        args[4].requires_grad_(True)
+    # the backward is exercised by test_autograd_registration (gradients vs float64 are
+    # tested elsewhere); opcheck checks schema, fake tensors and autograd registration
+    with _backend(kind):
+        torch.library.opcheck(ops.attn_fwd, args,
+                              test_utils=("test_schema", "test_autograd_registration",
+                                          "test_faketensor"))
+
+
+@pytest.mark.parametrize("kind,device,dtype", PATHS)
+def test_opcheck_decode(fsa, kind, device, dtype):
+    ops = _ops(fsa)
+    g = torch.Generator().manual_seed(1)
+    b, h, hkv, d, s = 2, 4, 2, 32, 48
+    q = torch.randn(b, h, d, generator=g).to(device, dtype)
+    kc = torch.randn(b, s, hkv, d, generator=g).to(device, dtype)
+    vc = torch.randn(b, s, hkv, d, generator=g).to(device, dtype)
+    used = torch.tensor([10, 40], dtype=torch.int32, device=device)
+    with _backend(kind):
+        torch.library.opcheck(ops.attn_decode, (q, kc, vc, None, None, None, None, used, None,
+                                                None, s, d ** -0.5, 0.0, 0.0, True, 0))
+        kn = torch.randn(b, hkv, d, generator=g).to(device, dtype)
+        vn = torch.randn(b, hkv, d, generator=g).to(device, dtype)
+        torch.library.opcheck(ops.kv_append, (kc, vc, None, kn, vn, None, None, None, used))
+
+
+@pytest.mark.parametrize("kind,device,dtype", PATHS)
+def test_compile_fullgraph_dynamic_no_recompile(fsa, kind, device, dtype):
+    """Forward and backward of the public functions trace with no graph break, and changing
+    only the sequence length does not recompile."""
+    torch._dynamo.reset()
+
+    def step(q, k, v, alpha, delta):
+        o1 = fsa.flash_dense_attn_func(q, k, v, is_causal=True)
+        o2 = fsa.flash_gated_attn_func(q, k, v, alpha, delta, is_causal=True)
+        return (o1.float().square().sum() + o2.float().sum())
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    h, hkv, d = 4, 2, 32
+    with _backend(kind), torch._dynamo.config.patch(error_on_recompile=False):
+        for i, s in enumerate((48, 80)):
+            g = torch.Generator().manual_seed(s)
+            ins = [torch.randn(1, s, h, d, generator=g), torch.randn(1, s, hkv, d, generator=g),
+                   torch.randn(1, s, hkv, d, generator=g), torch.randn(1, h, s, generator=g),
+                   torch.randn(1, hkv, s, generator=g)]
+            ins = [t.to(device, dtype).requires_grad_() for t in ins]
+            ctx = torch._dynamo.config.patch(error_on_recompile=True) if i else _nullctx()
+            with ctx:
+                loss = compiled(*ins)
+                grads = torch.autograd.grad(loss, ins)
+            eager = step(*ins)
+            eager_grads = torch.autograd.grad(eager, ins)
+            torch.testing.assert_close(loss, eager, rtol=1e-3, atol=1e-3)
+            for a, b_ in zip(grads, eager_grads):
+                torch.testing.assert_close(a, b_, rtol=1e-3, atol=1e-3)
+
+
+@contextmanager
+def _nullctx():
+    yield
