@@ -6,6 +6,7 @@ Loaded with `kernels.get_kernel("<org>/flash-sparse-attn", version=1)` or, after
 
 from . import layers, reference
 from .interface import (
+    block_skip_stats,
     flash_dense_attn_func,
     flash_dense_attn_varlen_func,
     flash_dense_attn_varlen_with_kvcache_func,
@@ -37,6 +38,7 @@ __all__ = [
     "flash_sparse_attn_varlen_with_kvcache_func",
     "flash_gated_attn_varlen_with_kvcache_func",
     "window_sizes_heuristic",
+    "block_skip_stats",
     "layers",
     "reference",
     "__version__",

@@ -27,41 +27,64 @@ def _scale(softmax_scale, head_dim):
     return float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
 
 
+def _gate_arg(alpha, gate_threshold) -> float:
+    """The ops' gate threshold: None (default) -> -1.0, which the kernels read as
+    1 / seqlen_k of each sequence (no specialisation on the length under torch.compile);
+    <= 0 -> 0.0 (no gate sparsity)."""
+    if alpha is None:
+        return 0.0
+    if gate_threshold is None:
+        return -1.0
+    return max(float(gate_threshold), 0.0)
+
+
 def _default_windows(window_sizes, is_local, seqlen_k, num_kv_heads, device):
     if window_sizes is not None or not is_local:
         return window_sizes
     return window_sizes_heuristic(seqlen_k, num_kv_heads, device)
 
 
-def _finish(res_out, res_lse, out, lse, return_lse):
+def _finish(res_out, res_lse, out, lse, return_lse, skip=None):
     if out is not None:
         out.copy_(res_out)
         res_out = out
     if lse is not None:
         lse.copy_(res_lse)
         res_lse = lse
-    return (res_out, res_lse) if return_lse else res_out
+    res = (res_out, res_lse) if return_lse else (res_out,)
+    if skip is not None:
+        res = res + (skip,)
+    return res if len(res) > 1 else res[0]
+
+
+def block_skip_stats(skip_mask: Tensor) -> dict:
+    """Summarise the skip mask returned with `return_skip_mask=True` (SPEC §5.4): counts of
+    (query block, key block) pairs visited, kept, skipped by the softmax threshold and by the
+    gate threshold, and the skipped fraction of the visited pairs."""
+    counts = torch.bincount(skip_mask.flatten().to(torch.int64), minlength=4).tolist()
+    visited = counts[1] + counts[2] + counts[3]
+    return {"visited": visited, "kept": counts[1], "softmax_skipped": counts[2],
+            "gate_skipped": counts[3],
+            "skipped_fraction": (counts[2] + counts[3]) / visited if visited else 0.0}
 
 
 def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes, is_local,
                softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out, lse,
-               return_lse, deterministic):
+               return_lse, deterministic, return_skip_mask=False):
     is_varlen = cu_seqlens_q is not None
     num_kv_heads = key.shape[-2]
     if not is_varlen:
         max_seqlen_q, max_seqlen_k = query.shape[1], key.shape[1]
     window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, num_kv_heads,
                                     query.device)
-    if alpha is not None and gate_threshold is None:
-        gate_threshold = 1.0 / max(int(max_seqlen_k), 1)
-    o, l, _ = ops.attn_fwd(
+    o, l, skip = ops.attn_fwd(
         query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
         int(max_seqlen_q), int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
-        bool(is_causal), float(softmax_threshold or 0.0), float(gate_threshold or 0.0),
+        bool(is_causal), float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
         bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
     )
-    return _finish(o, l, out, lse, return_lse)
+    return _finish(o, l, out, lse, return_lse, skip if return_skip_mask else None)
 
 
 def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused_k, page_table,
@@ -79,12 +102,10 @@ def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused
             max_seqlen_k = key.shape[1]
     window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, key.shape[-2],
                                     query.device)
-    if alpha is not None and gate_threshold is None:
-        gate_threshold = 1.0 / max(int(max_seqlen_k), 1)
     o, l = ops.attn_decode(
         query, key, value, alpha, delta, page_table, cu_seqlens_k, seqused_k, gather_kv_indices,
         window_sizes, int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
-        float(softmax_threshold or 0.0), float(gate_threshold or 0.0), bool(is_logsigmoid_gate),
+        float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold), bool(is_logsigmoid_gate),
         int(num_splits or 0),
     )
     return _finish(o, l, out, lse, return_lse)
@@ -122,9 +143,12 @@ def flash_sparse_attn_func(
     is_split_qo: bool = False, pack_gqa: bool = False, out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, deterministic: bool = False,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Sparse attention: drops key blocks whose probability is provably below
-    softmax_threshold / visible_len (SPEC §5). Shapes as flash_dense_attn_func."""
+    softmax_threshold / visible_len (SPEC §5). Shapes as flash_dense_attn_func.
+    `return_skip_mask=True` also returns the block decisions [B, H, nQB, nKB] uint8
+    (0 not visited, 1 kept, 2 softmax skip, 3 gate skip); see `block_skip_stats`."""
     softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
     validate.check_attn_func(
         "sparse", query, key, value, None, None, softmax_scale, window_sizes,
@@ -133,7 +157,8 @@ def flash_sparse_attn_func(
     return _attention(query, key, value, None, None, None, None, None, None, None, is_causal,
                       softmax_scale, window_sizes, is_local or window_sizes is not None,
                       softmax_threshold, None, True, False, out, lse, return_lse,
-                      deterministic)
+                      deterministic,
+                      return_skip_mask=return_skip_mask)
 
 
 def flash_gated_attn_func(
@@ -147,6 +172,7 @@ def flash_gated_attn_func(
     pack_gqa: bool = False, out: Optional[Tensor] = None, lse: Optional[Tensor] = None,
     is_autotune: bool = False, skip_checks: bool = False, return_lse: bool = False,
     deterministic: bool = False,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Gated attention: score = scale * (q.k + g(alpha_i * delta_j)) (SPEC §6).
     alpha [B, H, Sq], delta [B, Hkv, Sk] (any strides)."""
@@ -157,7 +183,8 @@ def flash_gated_attn_func(
     return _attention(query, key, value, alpha, delta, None, None, None, None, None, is_causal,
                       softmax_scale, window_sizes, is_local or window_sizes is not None,
                       softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out,
-                      lse, return_lse, deterministic)
+                      lse, return_lse, deterministic,
+                      return_skip_mask=return_skip_mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,6 +225,7 @@ def flash_sparse_attn_varlen_func(
     seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, deterministic: bool = False,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Sparse varlen attention (SPEC §5). Shapes as flash_dense_attn_varlen_func."""
     softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
@@ -209,7 +237,8 @@ def flash_sparse_attn_varlen_func(
     return _attention(query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, None, True,
-                      False, out, lse, return_lse, deterministic)
+                      False, out, lse, return_lse, deterministic,
+                      return_skip_mask=return_skip_mask)
 
 
 def flash_gated_attn_varlen_func(
@@ -225,6 +254,7 @@ def flash_gated_attn_varlen_func(
     seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, deterministic: bool = False,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Gated varlen attention (SPEC §6). alpha [H, total_q], delta [Hkv, total_k]."""
     validate.check_attn_varlen_func(
@@ -235,7 +265,8 @@ def flash_gated_attn_varlen_func(
     return _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, gate_threshold,
-                      is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic)
+                      is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic,
+                      return_skip_mask=return_skip_mask)
 
 
 # ------------------------------------------------------------------------------------------

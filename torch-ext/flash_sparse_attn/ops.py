@@ -16,6 +16,7 @@ Ops:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -26,11 +27,25 @@ from ._ops import add_op_namespace_prefix
 Tensor = torch.Tensor
 
 
+_CPU_REFERENCE = [False]
+
+
+@contextmanager
+def cpu_reference():
+    """Within this context CPU tensors take the reference path even under
+    TRITON_INTERPRET=1 (tests use it to check both CPU paths in one session)."""
+    _CPU_REFERENCE[0] = True
+    try:
+        yield
+    finally:
+        _CPU_REFERENCE[0] = False
+
+
 def use_triton(t: Tensor) -> bool:
     """Triton kernels for device tensors; for CPU tensors only under TRITON_INTERPRET=1."""
     if t.device.type != "cpu":
         return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not _CPU_REFERENCE[0]
 
 
 def _lse_shape(q: Tensor, is_varlen: bool) -> list:
@@ -72,6 +87,7 @@ def attn_fwd(
         max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, is_causal=is_causal,
         softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
         is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
+        deterministic=deterministic,
     )
     if use_triton(q):
         from .triton.fwd import launch_attn_fwd

@@ -278,7 +278,9 @@ class _Problem:
                                     0.0) for kb in range(nkb))
             thr = torch.where(l_ref > 0, m_ref + torch.log(
                 softmax_threshold * l_ref / count.clamp(min=1)), neg)
-            gated = self.alpha is not None and gate_threshold > 0
+            gated = self.alpha is not None and gate_threshold != 0
+            if gate_threshold < 0:  # the default: 1 / seqlen_k of this sequence
+                gate_threshold = 1.0 / max(sk, 1)
             if gated:
                 g_ref = torch.full(count.shape, neg, dtype=count.dtype)
                 for kb in range(nkb):
@@ -506,7 +508,7 @@ def skip_decisions(q, k, v, *, alpha=None, delta=None, cu_seqlens_q=None, cu_seq
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     skip = q.new_zeros(skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, True),
                        dtype=torch.uint8)
-    if softmax_threshold <= 0 and not (alpha is not None and gate_threshold > 0):
+    if softmax_threshold <= 0 and not (alpha is not None and gate_threshold != 0):
         return skip
     opts = _options(q, softmax_scale, is_causal, window_sizes, is_logsigmoid_gate, 1024)
     for b, qi, ki in _sequences(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k):

@@ -509,7 +509,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dalpha.zero_(), ddelta.zero_()
 
-    has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold > 0))
+    has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold != 0))
     cfg = config or configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
                                        window_sizes is not None, has_gate, has_skip)
     head_dim_pad = configs.head_dim_pad(head_dim)

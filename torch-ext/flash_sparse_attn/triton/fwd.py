@@ -315,16 +315,25 @@ def _attn_fwd_kernel(
         vis = visible_count(o_m, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
                             w_sink, w_left, w_right, w_near).to(tl.float32)
         vis = tl.maximum(vis, 1.0)
-        b_thr = tl.where(l_i > 0.0,
-                         m_i + tl.math.log2(softmax_threshold * l_i / vis), float("-inf"))
-        b_thr = tl.where(m_ok, b_thr, float("inf"))
-        if IS_ADAPT_GATE and (IS_CAUSAL or IS_LOCAL):
-            tg = gate_threshold * vis / seqlen_k
+        if HAS_THRESHOLD:
+            b_thr = tl.where(l_i > 0.0, m_i + tl.math.log2(softmax_threshold * l_i / vis),
+                             float("-inf"))
+            b_thr = tl.where(m_ok, b_thr, float("inf"))
         else:
-            tg = tl.zeros([BLOCK_M], dtype=tl.float32) + gate_threshold
-        b_gthr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg),
-                          float("-inf"))
-        b_gthr = tl.where(m_ok, b_gthr, float("inf"))
+            b_thr = m_i
+        # gate_threshold < 0: the default 1 / seqlen_k of this sequence
+        tg0 = tl.where(gate_threshold < 0, 1.0 / tl.maximum(seqlen_k, 1).to(tl.float32),
+                       gate_threshold)
+        if IS_ADAPT_GATE and (IS_CAUSAL or IS_LOCAL):
+            tg = tg0 * vis / seqlen_k
+        else:
+            tg = tl.zeros([BLOCK_M], dtype=tl.float32) + tg0
+        if GATE_SKIP:
+            b_gthr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg),
+                              float("-inf"))
+            b_gthr = tl.where(m_ok, b_gthr, float("inf"))
+        else:
+            b_gthr = m_i
         PHASE: tl.constexpr = 2
     else:
         a_lo = 0
@@ -418,7 +427,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         return out.zero_(), lse, skip
 
     has_threshold = softmax_threshold > 0
-    gate_skip = alpha is not None and gate_threshold > 0
+    gate_skip = alpha is not None and gate_threshold != 0
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
                                        window_sizes is not None, alpha is not None,
                                        has_threshold or gate_skip)

@@ -1,0 +1,167 @@
+"""Sparse (softmax_threshold) and gated attention: the block-skip rule of SPEC §5/§6.
+
+The kernels are compared with the reference that skips the same blocks: the reference decides
+block for block in float64 (`reference.skip_decisions`) and must agree with the kernel's
+decisions; outputs and gradients are then compared with float64 attention over exactly the
+kept blocks, under the error rule of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kernel_utils import assert_close_rule, kernel_device_dtype, torch_lowp_attention, visible_mask
+
+DEV = kernel_device_dtype()
+pytestmark = pytest.mark.skipif(DEV is None, reason="kernels need CUDA or TRITON_INTERPRET=1")
+
+
+def llm_like(b, s, h, hkv, d, seed, gated=False):
+    """Inputs with attention sinks and a shared direction, so that many blocks are provably
+    negligible; gated: positive alpha and a stretch of strongly negative delta."""
+    device, dtype = DEV
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(d, generator=g)
+    q = torch.randn(b, s, h, d, generator=g) + 1.5 * common
+    k = 0.7 * torch.randn(b, s, hkv, d, generator=g)
+    k[:, :8] += 2.5 * common  # sinks
+    v = torch.randn(b, s, hkv, d, generator=g)
+    do = torch.randn(b, s, h, d, generator=g)
+    ins = [t.to(device, dtype) for t in (q, k, v, do)]
+    if not gated:
+        return ins + [None, None]
+    alpha = (1 + torch.randn(b, s, h, generator=g).abs()).to(device, dtype).transpose(1, 2)
+    delta = 2 * torch.randn(b, s, hkv, generator=g)
+    delta[:, 64:192] = -40.0
+    return ins + [alpha, delta.to(device, dtype).transpose(1, 2)]
+
+
+def _ref(fsa):
+    return importlib.import_module(f"{fsa.__name__}.reference")
+
+
+def _element_mask(skip, sq, sk, base_mask):
+    """[H, Sq, Sk] mask of the pairs kept by block codes skip[0] ([H, nQB, nKB])."""
+    from math import ceil  # noqa: F401
+
+    rows = torch.arange(sq) // 128
+    cols = torch.arange(sk) // 64
+    codes = skip[0].cpu()[:, rows][:, :, cols]
+    return base_mask.cpu() & (codes < 2)
+
+
+CASES = [
+    # s, h, hkv, d, causal, windows, threshold, gated, gate_threshold, adapt
+    (300, 2, 1, 32, True, None, 1.0, False, 0.0, False),
+    (300, 4, 2, 32, False, None, 1.0, False, 0.0, False),
+    (260, 2, 1, 32, True, [[64, 64, 32, 64]], 1.0, False, 0.0, False),
+    (300, 2, 1, 32, True, None, 0.0, True, 0.05, False),
+    (300, 4, 2, 32, True, None, 0.5, True, 0.05, True),
+]
+
+
+@pytest.mark.parametrize("s,h,hkv,d,causal,win,t,gated,tg,adapt", CASES)
+def test_skip_rule_matches_reference(fsa, s, h, hkv, d, causal, win, t, gated, tg, adapt):
+    q, k, v, do, alpha, delta = llm_like(1, s, h, hkv, d, seed=s + h, gated=gated)
+    device = q.device
+    windows = torch.tensor(win, dtype=torch.int32, device=device) if win else None
+    scale = d ** -0.5
+    kw = dict(is_causal=causal, window_sizes=windows, softmax_threshold=t, return_skip_mask=True)
+    ins = [q, k, v] + ([alpha, delta] if gated else [])
+    leaves = [x.detach().requires_grad_() for x in ins]
+    if gated:
+        out, skip = fsa.flash_gated_attn_func(*leaves, gate_threshold=tg, is_adapt_gate=adapt,
+                                              **kw)
+    else:
+        out, skip = fsa.flash_sparse_attn_func(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, do)
+
+    # 1. the kernel's decisions are the reference's, block for block (float64 decisions)
+    ref = _ref(fsa)
+    r_skip = ref.skip_decisions(
+        *(x.double() for x in (q, k, v)), alpha=None if alpha is None else alpha.double(),
+        delta=None if delta is None else delta.double(), window_sizes=windows,
+        softmax_scale=scale, is_causal=causal, softmax_threshold=t, gate_threshold=tg,
+        is_adapt_gate=adapt)
+    visible = r_skip.cpu() > 0
+    assert torch.equal((skip.cpu() >= 2) & visible, (r_skip.cpu() >= 2) & visible)
+    assert (r_skip >= 2).any(), "test inputs must make the rule skip something"
+    stats = fsa.block_skip_stats(skip)
+    assert stats["softmax_skipped"] + stats["gate_skipped"] == int((skip >= 2).sum())
+
+    # 2. output and gradients against float64 attention over exactly the kept blocks
+    base = visible_mask(s, s, causal, None if windows is None else windows.cpu(), h, "cpu")
+    mask = _element_mask(skip, s, s, base).to(device)
+
+    def torch_fn(*t):
+        a_, d_ = (t[3], t[4]) if gated else (None, None)
+        return torch_lowp_attention(t[0], t[1], t[2], scale, mask, a_, d_)
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in ins]
+    ref_out = torch_fn(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, do.double())
+    low_leaves = [x.detach().requires_grad_() for x in ins]
+    low_out = torch_fn(*low_leaves)
+    low_grads = torch.autograd.grad(low_out, low_leaves, do)
+    assert_close_rule("out", out, ref_out, low_out)
+    for name, a, r, lo in zip(("dq", "dk", "dv", "dalpha", "ddelta"), grads, ref_grads,
+                              low_grads):
+        assert_close_rule(name, a, r, lo)
+
+
+def test_threshold_zero_equals_dense(fsa):
+    q, k, v, do, _, _ = llm_like(1, 200, 2, 1, 32, seed=11)
+    dense = fsa.flash_dense_attn_func(q, k, v, is_causal=True)
+    sparse = fsa.flash_sparse_attn_func(q, k, v, is_causal=True, softmax_threshold=0.0)
+    assert torch.equal(dense, sparse)
+
+
+def test_no_gate_sparsity_equals_plain_gate(fsa):
+    q, k, v, do, alpha, delta = llm_like(1, 200, 2, 1, 32, seed=12, gated=True)
+    a = fsa.flash_gated_attn_func(q, k, v, alpha, delta, is_causal=True, gate_threshold=0.0)
+    b, skip = fsa.flash_gated_attn_func(q, k, v, alpha, delta, is_causal=True,
+                                        gate_threshold=0.0, softmax_threshold=0.0,
+                                        return_skip_mask=True)
+    assert torch.equal(a, b)
+    assert not (skip >= 2).any()
+
+
+def test_skip_set_independent_of_launch_config(fsa):
+    """The decisions do not depend on warps / pipelining of a launch (tiles are the fixed
+    skip blocks)."""
+    fwd = importlib.import_module(f"{fsa.__name__}.triton.fwd")
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    q, k, v, _, alpha, delta = llm_like(1, 300, 2, 1, 32, seed=13, gated=True)
+    kw = dict(alpha=alpha, delta=delta, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+              window_sizes=None, max_seqlen_q=300, max_seqlen_k=300, softmax_scale=32 ** -0.5,
+              is_causal=True, softmax_threshold=1.0, gate_threshold=0.05,
+              is_logsigmoid_gate=True, is_adapt_gate=False, deterministic=False)
+    bm, bn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    _, _, s1 = fwd.launch_attn_fwd(q, k, v, config=configs.Config(bm, bn, 4, 1), **kw)
+    _, _, s2 = fwd.launch_attn_fwd(q, k, v, config=configs.Config(bm, bn, 8, 3), **kw)
+    assert (s1 >= 2).any()
+    assert torch.equal(s1, s2)
+
+
+def test_reference_gradcheck_with_skips(fsa):
+    """float64 gradcheck of the reference on a gated problem with a fixed skip set."""
+    ref = _ref(fsa)
+    g = torch.Generator().manual_seed(14)
+    s, d = 140, 8
+    q = torch.randn(1, s, 2, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, s, 1, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, s, 1, d, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(1, 2, s, generator=g, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(1, 1, s, generator=g, dtype=torch.float64, requires_grad=True)
+    skip = torch.ones(1, 2, 2, 3, dtype=torch.uint8)
+    skip[0, 0, 1, 1] = 2
+    skip[0, 1, 1, 0] = 3
+
+    def fn(q_, k_, v_, a_, d_):
+        return ref.attention_naive(q_, k_, v_, alpha=a_, delta=d_, is_causal=True,
+                                   skip=skip)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, alpha, delta), eps=1e-6, atol=1e-6)
