@@ -28,11 +28,11 @@ from bench_utils import attn_flops, bench, load_package  # noqa: E402
 FWD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                   (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
                   (64, 64, 4, 2)]
-BWD_CANDIDATES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3),
-                  (64, 128, 8, 2), (32, 128, 8, 2), (128, 64, 8, 2), (32, 64, 8, 1),
-                  (32, 32, 4, 2)]
-DQ_CANDIDATES = [(64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 3),
-                 (64, 32, 4, 2)]
+BWD_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2), (32, 128, 8, 2),
+                  (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 2),
+                  (128, 128, 8, 1), (32, 32, 4, 2)]
+DQ_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2),
+                 (64, 64, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)]
 
 
 def _arch():
@@ -82,26 +82,26 @@ def sweep(fsa, d, seqlen, causal=True, b=1, h=32, hkv=8, top=5):
     for ms, cfg in results_f[:top]:
         print(f"  fwd d={d} S={seqlen} {cfg}: {ms:.3f} ms {flops_f / ms * 1e-9:.1f} TFLOP/s")
 
+    def time_bwd(cfg, deterministic=False):
+        fn = lambda: bwd.launch_attn_bwd(do, q, k, v, out, lse, skip,  # noqa: E731
+                                         deterministic=deterministic, config=cfg, **kw)
+        fn()
+        return bench(fn, warmup=5, rep=30)
+
+    # 1. dK/dV tiles (dQ pass fixed), 2. dQ-pass tiles, 3. atomic dQ instead of the pass
     results_b = []
     for bm, bn, w, st in BWD_CANDIDATES:
         if d >= 256 and bm * bn > 32 * 64:
             continue
         cfg = configs.BwdConfig(bm, bn, w, st, 64, 64, 8, 2)
         try:
-            fn = lambda: bwd.launch_attn_bwd(do, q, k, v, out, lse, skip, deterministic=False,  # noqa: E731
-                                             config=cfg, **kw)
-            fn()
-            ms = bench(fn, warmup=5, rep=30)
-        except Exception as e:
+            results_b.append((time_bwd(cfg), cfg))
+        except Exception as e:  # out of shared memory / registers
             print(f"  bwd {cfg}: {type(e).__name__}")
-            continue
-        results_b.append((ms, cfg))
     results_b.sort(key=lambda r: r[0])
     for ms, cfg in results_b[:top]:
         print(f"  bwd d={d} S={seqlen} {cfg}: {ms:.3f} ms {flops_b / ms * 1e-9:.1f} TFLOP/s")
-
     best_b = results_b[0][1]
-    # deterministic dQ kernel: same tile search, only (block_m, block_n, warps, stages)
     results_dq = []
     for bm, bn, w, st in DQ_CANDIDATES:
         if d >= 256 and bm * bn > 64 * 64:
@@ -109,22 +109,30 @@ def sweep(fsa, d, seqlen, causal=True, b=1, h=32, hkv=8, top=5):
         cfg = configs.BwdConfig(best_b.block_m, best_b.block_n, best_b.num_warps,
                                 best_b.num_stages, bm, bn, w, st)
         try:
-            fn = lambda: bwd.launch_attn_bwd(do, q, k, v, out, lse, skip, deterministic=True,  # noqa: E731
-                                             config=cfg, **kw)
-            fn()
-            ms = bench(fn, warmup=5, rep=30)
+            results_dq.append((time_bwd(cfg), cfg))
         except Exception as e:
-            print(f"  bwd-det {cfg}: {type(e).__name__}")
-            continue
-        results_dq.append((ms, cfg))
+            print(f"  bwd-dq {cfg}: {type(e).__name__}")
     results_dq.sort(key=lambda r: r[0])
-    print(f"  bwd deterministic d={d}: {results_dq[0][0]:.3f} ms "
-          f"{flops_b / results_dq[0][0] * 1e-9:.1f} TFLOP/s {results_dq[0][1]}")
+    best_ms, best = results_dq[0]
+    print(f"  bwd with dQ pass d={d}: {best_ms:.3f} ms {flops_b / best_ms * 1e-9:.1f} TFLOP/s "
+          f"{best}")
+    atomic = configs.BwdConfig(*[getattr(best, f) for f in (
+        "block_m", "block_n", "num_warps", "num_stages", "block_m_dq", "block_n_dq",
+        "num_warps_dq", "num_stages_dq", "block_m_pre")], atomic_dq=True)
+    try:
+        atomic_ms = time_bwd(atomic)
+        print(f"  bwd with atomic dQ d={d}: {atomic_ms:.3f} ms "
+              f"{flops_b / atomic_ms * 1e-9:.1f} TFLOP/s")
+        if atomic_ms < best_ms:
+            best = atomic
+    except Exception as e:
+        print(f"  bwd atomic: {type(e).__name__}")
+
     bf = results_f[0][1]
-    bb = results_dq[0][1]
     return ([bf.block_m, bf.block_n, bf.num_warps, bf.num_stages],
-            [bb.block_m, bb.block_n, bb.num_warps, bb.num_stages, bb.block_m_dq, bb.block_n_dq,
-             bb.num_warps_dq, bb.num_stages_dq])
+            [best.block_m, best.block_n, best.num_warps, best.num_stages, best.block_m_dq,
+             best.block_n_dq, best.num_warps_dq, best.num_stages_dq, best.block_m_pre,
+             int(best.atomic_dq)])
 
 
 def main():

@@ -6,15 +6,17 @@ Notation
 - dK/dV program: one BLOCK_N tile of keys of one (batch, KV head); loops over the G query heads
   of that KV head and over the query tiles that can see its keys, so dK/dV need no atomics.
   Scores are computed transposed (`b_sT` [BLOCK_N, BLOCK_M] = K Q^T) so P^T feeds dV directly.
-- dQ: by default accumulated in the dK/dV program with fp32 atomics (5 matmuls per tile pair);
-  `deterministic=True` runs a separate dQ kernel instead (7 matmuls, bitwise reproducible).
+- dQ: by default its own kernel (7 matmuls per tile pair in all, no atomics, bitwise
+  reproducible); a launch table may instead ask for fp32 atomics from the dK/dV program
+  (5 matmuls), which `deterministic=True` always overrides.
 - Gated: score = scale * (q.k + g(x)), x = alpha_i * delta_j; dL/dx = scale * dS * g'(x);
   dalpha is a row sum (dQ side), ddelta a column sum over rows and query heads (dK/dV side).
 
 Caution
 - The dK/dV program visits query tiles in the same mask stages as the forward (hidden pairs are
   never visited); rows past seqlen_q load zeros and lse2 = +inf, so they contribute nothing.
-- Atomic dQ makes the low bits of dq depend on scheduling; dk, dv, ddelta never use atomics.
+- Atomic dQ (opt-in per launch table) makes the low bits of dq and dalpha depend on
+  scheduling; dk, dv, ddelta never use atomics.
 """
 
 from __future__ import annotations
@@ -501,7 +503,12 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     has_gate = alpha is not None
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    atomic_dq = not deterministic
+    has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold != 0))
+    cfg = config or configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
+                                       window_sizes is not None, has_gate, has_skip)
+    # dQ in its own pass (deterministic, and on H200 faster than fp32 atomics at D=128)
+    # unless the launch table prefers atomics and determinism was not asked for
+    atomic_dq = cfg.atomic_dq and not deterministic
     dalpha = torch.zeros(alpha.shape, dtype=torch.float32 if atomic_dq else alpha.dtype,
                          device=q.device) if has_gate else q.new_empty((0,))
     ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=q.device) if has_gate \
@@ -509,9 +516,6 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dalpha.zero_(), ddelta.zero_()
 
-    has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold != 0))
-    cfg = config or configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
-                                       window_sizes is not None, has_gate, has_skip)
     head_dim_pad = configs.head_dim_pad(head_dim)
     is_local = window_sizes is not None
     lse = lse.contiguous()
@@ -559,7 +563,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
-    if deterministic:
+    if not atomic_dq:
         _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m_dq), batch * num_heads)](
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],

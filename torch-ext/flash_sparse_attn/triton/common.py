@@ -15,8 +15,8 @@ Caution
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # log2(e)
-LN2: tl.constexpr = 0.6931471805599453  # ln(2)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit

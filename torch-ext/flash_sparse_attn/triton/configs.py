@@ -112,6 +112,7 @@ class BwdConfig:
     num_warps_dq: int
     num_stages_dq: int
     block_m_pre: int = 64  # preprocess
+    atomic_dq: bool = False  # dQ by fp32 atomics in the dK/dV kernel instead of its own pass
 
 
 def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
