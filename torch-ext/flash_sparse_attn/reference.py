@@ -259,7 +259,7 @@ class _Problem:
             x = [self.gate_input(qs, ks) for ks in blocks]
             s = [self.scores(qs, ks, xi).masked_fill(~vi, neg) for ks, xi, vi in zip(blocks, x, vis)]
             count = sum(vi.sum(-1) for vi in vis).to(s[0].dtype)  # [H, m]
-            anchor = torch.zeros((heads, nkb), dtype=torch.bool)
+            anchor = torch.zeros((heads, nkb), dtype=torch.bool, device=self.q.device)
             anchor[:, 0] = True
             if self.is_causal or self.window_sizes is not None:
                 a_lo = max(m0 + off, 0) // bn

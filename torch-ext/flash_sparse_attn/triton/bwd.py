@@ -111,28 +111,39 @@ def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_ri
 
 
 @triton.jit
-def _dkdv_tile(
-    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
-    p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs, stride_das,
-    start_m, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-):
-    """One (query tile, key tile) pair of the dK/dV program (the only copy of its math)."""
+def _dkdv_load(p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, stride_ls,
+               stride_as, start_m, seqlen_q, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Inputs of one query tile for the dK/dV program (rows past seqlen_q load 0 / +inf)."""
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = o_m < seqlen_q
     rows = o_m.to(tl.int64)
-    # [D, M] transposed query tile, [M, D] dO tile (rows past seqlen_q load 0)
+    # [D, M] transposed query tile, [M, D] dO tile
     b_qT = _load_tile(p_q0 + rows[None, :] * stride_qs + o_d[:, None], m_ok[None, :],
                       o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, True)
     b_do = _load_tile(p_do0 + rows[:, None] * stride_dos + o_d[None, :], m_ok[:, None],
                       o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     b_lse2 = tl.load(p_lse2 + rows * stride_ls, mask=m_ok, other=float("inf"))
     b_di = tl.load(p_di + rows * stride_ls, mask=m_ok, other=0.0)
-    b_sT = tl.dot(b_k, b_qT)  # [N, M]
     if HAS_GATE:
         b_alpha = tl.load(p_alpha0 + rows * stride_as, mask=m_ok, other=0.0).to(tl.float32)
+    else:
+        b_alpha = b_lse2
+    return o_m, m_ok, rows, b_qT, b_do, b_lse2, b_di, b_alpha
+
+
+@triton.jit
+def _dkdv_math(
+    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do, b_lse2,
+    b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k, dist_offset, scale,
+    scale_log2, w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    IS_LOCAL: tl.constexpr, HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+):
+    """One (query tile, key tile) pair of the dK/dV program (the only copy of its math)."""
+    b_sT = tl.dot(b_k, b_qT)  # [N, M]
+    if HAS_GATE:
         b_x = b_delta[:, None] * b_alpha[None, :]
         b_sT += gate_2d(b_x, IS_LOGSIGMOID)
     b_pT = tl.math.exp2(b_sT * scale_log2 - b_lse2[None, :])
@@ -171,25 +182,26 @@ def _dkdv_tiles(
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
 ):
     """Visit query tiles [lo, hi) for one key tile; with HAS_SKIP, pairs the forward skipped
-    (code >= 2 in p_skip, indexed by query block) are passed over."""
+    (code >= 2 in p_skip, indexed by query block) do no math."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
+        # loads stay unconditional (pipelined); a skipped pair does no math
+        o_m, m_ok, rows, b_qT, b_do, b_lse2, b_di, b_alpha = _dkdv_load(
+            p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, stride_ls,
+            stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
         if HAS_SKIP:
             code = tl.load(p_skip + (start_m // SKIP_M) * stride_sm)
             if code < 2:
-                b_dk, b_dv, b_ddelta = _dkdv_tile(
-                    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2,
-                    p_di, p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls,
-                    stride_as, stride_dqs, stride_das, start_m, seqlen_q, seqlen_k,
-                    dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                    HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-                    ATOMIC_DQ)
+                b_dk, b_dv, b_ddelta = _dkdv_math(
+                    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT,
+                    b_do, b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das,
+                    seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+                    HEAD_DIM, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
         else:
-            b_dk, b_dv, b_ddelta = _dkdv_tile(
-                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di,
-                p_alpha0, p_dq0, p_dalpha0, stride_qs, stride_dos, stride_ls, stride_as,
-                stride_dqs, stride_das, start_m, seqlen_q, seqlen_k, dist_offset, scale,
-                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+            b_dk, b_dv, b_ddelta = _dkdv_math(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do,
+                b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k,
+                dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
     return b_dk, b_dv, b_ddelta
 
@@ -317,15 +329,10 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(
-    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-    stride_ks, stride_vs, stride_ds, start_n, seqlen_k, dist_offset, scale_log2,
-    w_sink, w_left, w_right, w_near,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
-):
-    """One (query tile, key tile) pair of the deterministic dQ kernel."""
+def _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs, stride_ds, start_n, seqlen_k,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Inputs of one key tile for the dQ kernel: K^T, V^T [D, N] and delta [N]."""
     o_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = o_n < seqlen_k
     rows = o_n.to(tl.int64)
@@ -333,9 +340,23 @@ def _dq_tile(
                       o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     b_vT = _load_tile(p_v0 + rows[None, :] * stride_vs + o_d[:, None], n_ok[None, :],
                       o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-    b_s = tl.dot(b_q, b_kT)  # [M, N]
     if HAS_GATE:
         b_delta = tl.load(p_delta0 + rows * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        b_delta = o_n
+    return o_n, b_kT, b_vT, b_delta
+
+
+@triton.jit
+def _dq_math(
+    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta, seqlen_k,
+    dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+):
+    """One (query tile, key tile) pair of the dQ kernel."""
+    b_s = tl.dot(b_q, b_kT)  # [M, N]
+    if HAS_GATE:
         b_x = b_alpha[:, None] * b_delta[None, :]
         b_s += gate_2d(b_x, IS_LOGSIGMOID)
     b_p = tl.math.exp2(b_s * scale_log2 - b_lse2[:, None])
@@ -363,20 +384,22 @@ def _dq_tiles(
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        # loads stay unconditional (pipelined); a skipped pair does no math
+        o_n, b_kT, b_vT, b_delta = _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs,
+                                            stride_ds, start_n, seqlen_k, HEAD_DIM,
+                                            HEAD_DIM_PAD, BLOCK_N, MASKED, HAS_GATE)
         if HAS_SKIP:
             code = tl.load(p_skip + start_n // SKIP_N)
             if code < 2:
-                b_dq, b_dalpha = _dq_tile(
-                    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0,
-                    p_delta0, stride_ks, stride_vs, stride_ds, start_n, seqlen_k, dist_offset,
-                    scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD,
-                    BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+                b_dq, b_dalpha = _dq_math(
+                    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT,
+                    b_delta, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+                    w_near, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
         else:
-            b_dq, b_dalpha = _dq_tile(
-                b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0,
-                p_delta0, stride_ks, stride_vs, stride_ds, start_n, seqlen_k, dist_offset,
-                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            b_dq, b_dalpha = _dq_math(
+                b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta,
+                seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, MASKED,
+                IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
     return b_dq, b_dalpha
 
 

@@ -82,7 +82,7 @@ def _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
 def _fwd_tiles(
     acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
     stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-    w_near, b_thr, b_gthr, a_lo, a_hi,
+    w_near, b_thr, b_gthr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
@@ -91,8 +91,8 @@ def _fwd_tiles(
     """Visit key tiles [lo, hi).
 
     PHASE 0: dense (no skipping). PHASE 1: anchor tiles of the skip rule: always kept; also
-    tracks `g_ref`, the row max of the gate over visible anchor keys. PHASE 2: every other
-    tile (tile 0 and the anchors [a_lo, a_hi) are passed over), with the tests of SPEC §5/§6:
+    tracks `g_ref`, the row max of the gate over visible anchor keys. PHASE 2: tiles that are
+    not anchors (callers split ranges around them), with the tests of SPEC §5/§6:
     - gate test (before loading K): skip when for every row scale*(gmax - g_ref) < ln(tg),
       i.e. gmax * scale_log2 < b_gthr, where gmax bounds g over the tile from delta extremes;
     - softmax test (after Q.K^T): skip when for every row rowmax(s2) < b_thr
@@ -112,31 +112,44 @@ def _fwd_tiles(
         else:
             b_delta = b_alpha
         if PHASE == 2:
-            keep = (start_n != 0) & ((start_n < a_lo) | (start_n >= a_hi))
             code = start_n * 0 + 1
             if GATE_SKIP:
                 # g is monotone in x = alpha * delta: its max over the tile needs only the
-                # extremes of delta over the keys that exist
+                # extremes of delta over the keys that exist; a gate skip loads no K
                 d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
                 d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
                 x_max = tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min)
                 g_max = gate_2d(x_max, IS_LOGSIGMOID)
                 if tl.max((g_max * scale_log2 >= b_gthr).to(tl.int32), 0) == 0:
                     code = start_n * 0 + 3
-            if keep & (code == 1):
+                if code == 1:
+                    b_s, b_g = _tile_scores(
+                        b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+                        dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                        HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+                    if HAS_THRESHOLD:
+                        b_mx = tl.max(b_s, 1)
+                        if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32),
+                                  0) == 0:
+                            code = start_n * 0 + 2
+                    if code == 1:
+                        acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d,
+                                                         p_v0, stride_vs, HEAD_DIM,
+                                                         HEAD_DIM_PAD, MASKED)
+            else:
+                # softmax test only: K is always needed, so its load stays unconditional
+                # (and pipelined); a skip saves the exp, the V load and P @ V
                 b_s, b_g = _tile_scores(
                     b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
                     dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
                     HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
-                if HAS_THRESHOLD:
-                    b_mx = tl.max(b_s, 1)
-                    if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
-                        code = start_n * 0 + 2
+                b_mx = tl.max(b_s, 1)
+                if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
+                    code = start_n * 0 + 2
                 if code == 1:
                     acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
                                                      stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-            if keep:
-                tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
+            tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
         else:
             b_s, b_g = _tile_scores(
                 b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
@@ -149,6 +162,35 @@ def _fwd_tiles(
                                              stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
             if PHASE == 1:
                 tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
+    return acc, m_i, l_i, g_ref
+
+
+@triton.jit
+def _fwd_tiles_around(
+    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+    stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+    w_near, b_thr, b_gthr, a_lo, a_hi,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
+):
+    """_fwd_tiles over [lo, hi); in PHASE 2 over [lo, hi) minus tile 0 and the anchor tiles
+    [a_lo, a_hi), which the anchor phase already visited."""
+    if PHASE == 2:
+        lo = tl.maximum(lo, BLOCK_N)
+        acc, m_i, l_i, g_ref = _fwd_tiles(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            stride_ks, stride_vs, stride_ds, lo, tl.minimum(hi, a_lo), seqlen_k, dist_offset,
+            scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
+            GATE_SKIP, PHASE)
+        lo = tl.maximum(lo, a_hi)
+    acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+        w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL,
+        IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
     return acc, m_i, l_i, g_ref
 
 
@@ -301,13 +343,13 @@ def _attn_fwd_kernel(
         acc, m_i, l_i, g_ref = _fwd_tiles(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
             stride_ks, stride_vs, stride_ds, 0, hi_a0, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
+            w_sink, w_left, w_right, w_near, m_i, m_i,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
             IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
         acc, m_i, l_i, g_ref = _fwd_tiles(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
             stride_ks, stride_vs, stride_ds, a_lo, a_hi, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
+            w_sink, w_left, w_right, w_near, m_i, m_i,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
             IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
         # thresholds per row; padding rows never block a skip, rows with no anchor key
@@ -343,25 +385,25 @@ def _attn_fwd_kernel(
         p_skip = SKIP
         PHASE: tl.constexpr = 0
     # stage 1: fully visible tiles, no mask
-    acc, m_i, l_i, g_ref = _fwd_tiles(
+    acc, m_i, l_i, g_ref = _fwd_tiles_around(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
         stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
         w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
         IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
     # stage 2: tiles crossing a mask boundary (diagonal, band edges, sequence end)
-    acc, m_i, l_i, g_ref = _fwd_tiles(
+    acc, m_i, l_i, g_ref = _fwd_tiles_around(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
         stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
         w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
         IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
     if IS_LOCAL:
-        acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
             stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
             w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
             HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
             HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
             stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
             w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,

@@ -1,0 +1,169 @@
+"""Sparse and gated benchmark: `python tests/benchmark_sparse.py [--seqlens ...] [--out DIR]`.
+
+LLM-like inputs (attention sinks + positional locality) and random inputs, bf16, causal,
+B=1, H=32, Hkv=8, D=128. For each softmax threshold: forward and backward time of this
+project's sparse attention, next to this project's dense attention and SDPA cuDNN dense (same
+run, same inputs), the fraction of (query block, key block) pairs skipped, and the output error
+against exact dense attention (float64 on 256 sampled query rows), so users see the accuracy
+they trade. Gated: no gate sparsity vs the default gate threshold. CSV + PNG under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench_utils import ROOT, bench, load_package, plot, print_table, sdpa_impl, write_csv
+
+
+def llm_like(s, h, hkv, d, seed=0, device="cuda"):
+    """Attention sinks plus positional locality, as in trained LLMs: queries and keys carry a
+    rotary-style positional code (sinusoids over 1 .. 2048 tokens), so q_i.k_j is large for
+    nearby j and small far away; 8 sink keys align with a direction every query shares."""
+    import math
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = torch.arange(s, device=device, dtype=torch.float32)[:, None, None]
+    omega = torch.exp(-torch.linspace(0, math.log(2048), d // 2, device=device))
+    phase = 6.28 * torch.rand(h, d // 2, device=device, generator=g)
+    ang = omega * t + phase  # [S, H, D/2]
+    pos = torch.cat([torch.cos(ang), torch.sin(ang)], -1)  # [S, H, D]
+    common = torch.randn(h, d, device=device, generator=g)
+    q = 1.2 * pos + 0.6 * common + 0.3 * torch.randn(s, h, d, device=device, generator=g)
+    group = h // hkv
+    k = 1.2 * pos[:, ::group] + 0.3 * torch.randn(s, hkv, d, device=device, generator=g)
+    k[:8] += 1.8 * common[::group]
+    v = torch.randn(s, hkv, d, device=device, generator=g)
+    return [x[None].to(torch.bfloat16).contiguous() for x in (q, k, v)]
+
+
+def random_inputs(s, h, hkv, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, s, n, d, device="cuda", generator=g).to(torch.bfloat16)
+            for n in (h, hkv, hkv)]
+
+
+def exact_rows(q, k, v, rows, scale, alpha=None, delta=None):
+    """float64 dense causal attention for the sampled query rows: [len(rows), H, D]."""
+    s, h, d = q.shape[1], q.shape[2], q.shape[3]
+    group = h // k.shape[2]
+    kk = k[0].double().repeat_interleave(group, 1)  # [S, H, D]
+    vv = v[0].double().repeat_interleave(group, 1)
+    out = []
+    for r in rows.tolist():
+        sc = torch.einsum("hd,shd->hs", q[0, r].double(), kk[: r + 1])
+        if alpha is not None:
+            x = alpha[0, :, r].double()[:, None] * \
+                delta[0].double().repeat_interleave(group, 0)[:, : r + 1]
+            sc = sc + torch.nn.functional.logsigmoid(x)
+        p = torch.softmax(sc * scale, -1)
+        out.append(torch.einsum("hs,shd->hd", p, vv[: r + 1]))
+    return torch.stack(out)
+
+
+def timed(fn, ins, mode):
+    leaves = [t.detach().requires_grad_(mode == "bwd") for t in ins]
+    if mode == "fwd":
+        return bench(lambda: fn(*leaves))
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    g = torch.randn_like(out)
+    return bench(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0])
+    ap.add_argument("--inputs", nargs="+", default=["llm", "random"])
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "tests" / "bench_out"))
+    args = ap.parse_args()
+    fsa = load_package()
+    h, hkv, d = 32, 8, 128
+    scale = d ** -0.5
+    rows_out = []
+    modes = ["fwd"] if args.no_bwd else ["fwd", "bwd"]
+    for kind in args.inputs:
+        for s in args.seqlens:
+            q, k, v = llm_like(s, h, hkv, d) if kind == "llm" else random_inputs(s, h, hkv, d)
+            sample = torch.randint(0, s, (256,), generator=torch.Generator().manual_seed(1))
+            exact = exact_rows(q, k, v, sample.cuda(), scale)
+            prep, run = sdpa_impl("cudnn", True)
+            base = {m: {} for m in modes}
+            for m in modes:
+                base[m]["cudnn"] = timed(run, prep(q, k, v), m)
+                base[m]["dense"] = timed(
+                    lambda q_, k_, v_: fsa.flash_dense_attn_func(q_, k_, v_, is_causal=True),
+                    (q, k, v), m)
+            dense_out = fsa.flash_dense_attn_func(q, k, v, is_causal=True)
+            dense_err = (dense_out[0, sample].double() - exact).abs().max().item()
+            for t in args.thresholds:
+                out, skip = fsa.flash_sparse_attn_func(q, k, v, is_causal=True,
+                                                       softmax_threshold=t,
+                                                       return_skip_mask=True)
+                st = fsa.block_skip_stats(skip)
+                row = {"inputs": kind, "seqlen": s, "variant": "sparse", "threshold": t,
+                       "skipped": st["skipped_fraction"],
+                       "err_vs_exact": (out[0, sample].double() - exact).abs().max().item(),
+                       "dense_err_vs_exact": dense_err}
+                fn = lambda q_, k_, v_, t=t: fsa.flash_sparse_attn_func(  # noqa: E731
+                    q_, k_, v_, is_causal=True, softmax_threshold=t)
+                for m in modes:
+                    ms = timed(fn, (q, k, v), m)
+                    row[f"{m}_ms"] = ms
+                    row[f"{m}_dense_ms"] = base[m]["dense"]
+                    row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
+                    row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
+                    row[f"{m}_vs_dense"] = ms / base[m]["dense"]
+                rows_out.append(row)
+                print(row, flush=True)
+            if kind == "llm":
+                # gated: positive alpha, delta low on most keys far from the diagonal
+                g = torch.Generator(device="cuda").manual_seed(2)
+                alpha = (1 + torch.rand(1, h, s, device="cuda", generator=g)).to(torch.bfloat16)
+                delta = torch.randn(1, hkv, s, device="cuda", generator=g)
+                delta[:, :, 8:] -= 6.0 * (torch.rand(1, hkv, (s - 8) // 64 + 1, device="cuda",
+                                                    generator=g) < 0.7).repeat_interleave(
+                    64, -1)[:, :, : s - 8]
+                delta = delta.to(torch.bfloat16)
+                for gt, label in ((0.0, "gated (no gate sparsity)"),
+                                  (None, "gated (default gate threshold)")):
+                    out, skip = fsa.flash_gated_attn_func(q, k, v, alpha, delta, is_causal=True,
+                                                          gate_threshold=gt,
+                                                          return_skip_mask=True)
+                    ex = exact_rows(q, k, v, sample.cuda(), scale, alpha, delta)
+                    st = fsa.block_skip_stats(skip)
+                    row = {"inputs": kind, "seqlen": s, "variant": label, "threshold": 0.0,
+                           "skipped": st["skipped_fraction"],
+                           "err_vs_exact": (out[0, sample].double() - ex).abs().max().item()}
+                    fn = lambda q_, k_, v_, a_, d_, gt=gt: fsa.flash_gated_attn_func(  # noqa
+                        q_, k_, v_, a_, d_, is_causal=True, gate_threshold=gt)
+                    for m in modes:
+                        ms = timed(fn, (q, k, v, alpha, delta), m)
+                        row[f"{m}_ms"] = ms
+                        row[f"{m}_dense_ms"] = base[m]["dense"]
+                        row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
+                        row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
+                        row[f"{m}_vs_dense"] = ms / base[m]["dense"]
+                    rows_out.append(row)
+                    print(row, flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    from pathlib import Path
+
+    out_dir = Path(args.out)
+    write_csv(out_dir / "benchmark_sparse.csv", rows_out)
+    plot(out_dir / "benchmark_sparse.png",
+         [dict(r, series=f"{r['variant']} t={r['threshold']}") for r in rows_out
+          if r["inputs"] == "llm"],
+         "seqlen", "fwd_speedup_vs_cudnn", "series", "sparse fwd speedup vs cuDNN dense (LLM-like)")
+    cols = ["inputs", "seqlen", "variant", "threshold", "skipped", "err_vs_exact"] + \
+        [c for m in modes for c in (f"{m}_ms", f"{m}_cudnn_ms", f"{m}_speedup_vs_cudnn",
+                                    f"{m}_vs_dense")]
+    print_table(rows_out, cols)
+
+
+if __name__ == "__main__":
+    main()
