@@ -285,10 +285,10 @@ def test_skip_blocks_forward_backward(reference):
     t = make_problem(gen, B, Sq, Sk, H, Hkv, D, gated=True)
     nqb, nkb = -(-Sq // reference.SKIP_BLOCK_M), -(-Sk // reference.SKIP_BLOCK_N)
     assert (nqb, nkb) == (2, 3)
-    skip = torch.zeros(B, H, nqb, nkb, dtype=torch.uint8)
-    skip[0, 0, 0, 1] = 1
-    skip[0, 1, 1, 0] = 1
-    skip[0, 1, 1, 2] = 1
+    skip = torch.ones(B, H, nqb, nkb, dtype=torch.uint8)  # codes: 1 kept, 2/3 skipped
+    skip[0, 0, 0, 1] = 2
+    skip[0, 1, 1, 0] = 3
+    skip[0, 1, 1, 2] = 2
     kw = dict(is_causal=True, skip=skip)
     out, lse = reference.attention_forward(**t, **kw, chunk_size=32)
     exp_out, exp_lse = reference.attention_naive(**t, **kw)
@@ -298,7 +298,7 @@ def test_skip_blocks_forward_backward(reference):
     assert not torch.allclose(out, dense_out)  # the skip set changed something
     check_backward(reference, t, kw, chunk_size=32)
     # everything skipped: out 0, lse -inf, zero gradients
-    full = torch.ones_like(skip)
+    full = torch.full_like(skip, 2)
     out, lse = reference.attention_forward(**t, skip=full)
     assert (out == 0).all() and torch.isneginf(lse).all()
     g = reference.attention_backward(torch.ones_like(out), t["q"], t["k"], t["v"], out, lse,
@@ -343,7 +343,13 @@ def test_op_wrappers(reference, gated, threshold):
                                                     deterministic=False)
     can_skip = threshold > 0 or gated
     assert list(skip.shape) == reference.skip_shape(t["q"], t["k"], None, 9, 140, can_skip)
-    assert skip.dtype == torch.uint8 and (skip == 0).all()
+    assert skip.dtype == torch.uint8 and (skip <= 3).all()
+    if can_skip:  # the block decisions of the skip rule (codes 0..3), as skip_decisions says
+        assert torch.equal(skip, reference.skip_decisions(
+            t["q"], t["k"], t["v"], max_seqlen_q=9, max_seqlen_k=140,
+            **{n: kw[n] for n in ("alpha", "delta", "softmax_scale", "is_causal",
+                                   "softmax_threshold", "gate_threshold", "is_adapt_gate")
+               if n in kw}))
     assert out.dtype == torch.float16 and lse.dtype == torch.float32 and lse.shape == (2, 4, 9)
     dout = torch.randn_like(out)
     grads = reference.attention_backward_op(dout, t["q"], t["k"], t["v"], out, lse, skip, **kw)

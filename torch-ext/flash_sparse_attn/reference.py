@@ -243,6 +243,8 @@ class _Problem:
         sq, sk, heads = self.seqlen_q, self.seqlen_k, self.heads
         nqb, nkb = -(-sq // bm), -(-sk // bn)
         codes = torch.zeros((heads, nqb, nkb), dtype=torch.uint8, device=self.q.device)
+        if nqb == 0 or nkb == 0:
+            return codes
         off = sk - sq
         neg = -math.inf
         near = None
