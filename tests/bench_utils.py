@@ -178,14 +178,25 @@ def run_attention_benchmark(mode: str, argv=None):
     ap.add_argument("--baselines", nargs="*", default=["cudnn", "flash", "flex"])
     ap.add_argument("--flex-dims", type=int, nargs="*", default=[128],
                     help="FlexAttention only for these head dims (it compiles per shape)")
+    ap.add_argument("--flex-seqlens", type=int, nargs="*", default=None,
+                    help="FlexAttention only at these lengths (default: all)")
+    ap.add_argument("--only-dims-at", type=str, default=None,
+                    help="'D:S1,S2;D2:...' restricts head dim D to the listed lengths")
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "bench_out")
     args = ap.parse_args(argv)
     fsa = load_package()
     torch.manual_seed(0)
     rows = []
+    only = {}
+    if args.only_dims_at:
+        for part in args.only_dims_at.split(";"):
+            dd, ss = part.split(":")
+            only[int(dd)] = {int(x) for x in ss.split(",")}
     for d in args.dims:
         for causal in map(bool, args.causal):
             for s in args.seqlens:
+                if d in only and s not in only[d]:
+                    continue
                 b = max(1, args.tokens // s)
                 q = torch.randn(b, s, args.heads, d, device="cuda", dtype=torch.bfloat16)
                 k = torch.randn(b, s, args.kv_heads, d, device="cuda", dtype=torch.bfloat16)
@@ -193,7 +204,8 @@ def run_attention_benchmark(mode: str, argv=None):
                 impls = {"fsa": (lambda *t: t, lambda q_, k_, v_: fsa.flash_dense_attn_func(
                     q_, k_, v_, is_causal=causal))}
                 for name in args.baselines:
-                    if name == "flex" and d not in args.flex_dims:
+                    if name == "flex" and (d not in args.flex_dims or (
+                            args.flex_seqlens is not None and s not in args.flex_seqlens)):
                         continue
                     impls[name] = flex_impl(causal) if name == "flex" \
                         else sdpa_impl(name, causal)
