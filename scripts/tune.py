@@ -150,9 +150,9 @@ def main():
         entry.setdefault("fwd", {})[f"d{d}"] = f
         entry.setdefault("bwd", {})[f"d{d}"] = b
         print(f"d={d}: fwd {f} bwd {b}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {args.out}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ class _Problem:
                         anchor[h, a_lo:a_hi] = True
             else:
                 anchor[:, (sk - 1) // bn] = True
-            m_ref = torch.full(count.shape, neg, dtype=count.dtype)
+            m_ref = torch.full(count.shape, neg, dtype=count.dtype, device=count.device)
             for kb in range(nkb):
                 m_ref = torch.where(anchor[:, kb, None], torch.maximum(m_ref, s[kb].amax(-1)),
                                     m_ref)
@@ -284,7 +284,7 @@ class _Problem:
             if gate_threshold < 0:  # the default: 1 / seqlen_k of this sequence
                 gate_threshold = 1.0 / max(sk, 1)
             if gated:
-                g_ref = torch.full(count.shape, neg, dtype=count.dtype)
+                g_ref = torch.full(count.shape, neg, dtype=count.dtype, device=count.device)
                 for kb in range(nkb):
                     g = _gate(x[kb], self.is_logsigmoid_gate).masked_fill(~vis[kb], neg)
                     g_ref = torch.where(anchor[:, kb, None], torch.maximum(g_ref, g.amax(-1)),
