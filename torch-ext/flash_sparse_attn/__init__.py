@@ -4,7 +4,8 @@ Loaded with `kernels.get_kernel("<org>/flash-sparse-attn", version=1)` or, after
 `pip install .`, with `import flash_sparse_attn`.
 """
 
-from . import layers, reference
+from . import fa_compat, layers, reference
+from .fa_compat import flash_attn_func, flash_attn_varlen_func
 from .interface import (
     block_skip_stats,
     flash_dense_attn_func,
@@ -39,6 +40,9 @@ __all__ = [
     "flash_gated_attn_varlen_with_kvcache_func",
     "window_sizes_heuristic",
     "block_skip_stats",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "fa_compat",
     "layers",
     "reference",
     "__version__",
