@@ -39,7 +39,7 @@ import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-_TABLES_FILE = Path(__file__).resolve().parent.parent / "launch_tables.json"
+_TABLES_FILE = Path(__file__).parent.parent / "launch_tables.json"  # no resolve(): Hub files are symlinks into blobs/
 
 
 @dataclass(frozen=True)
