@@ -26,14 +26,16 @@ def llm_like(s, h, hkv, d, seed=0, device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
     t = torch.arange(s, device=device, dtype=torch.float32)[:, None, None]
     omega = torch.exp(-torch.linspace(0, math.log(2048), d // 2, device=device))
-    phase = 6.28 * torch.rand(h, d // 2, device=device, generator=g)
-    ang = omega * t + phase  # [S, H, D/2]
-    pos = torch.cat([torch.cos(ang), torch.sin(ang)], -1)  # [S, H, D]
-    common = torch.randn(h, d, device=device, generator=g)
-    q = 1.2 * pos + 0.6 * common + 0.3 * torch.randn(s, h, d, device=device, generator=g)
     group = h // hkv
-    k = 1.2 * pos[:, ::group] + 0.3 * torch.randn(s, hkv, d, device=device, generator=g)
-    k[:8] += 1.8 * common[::group]
+    # one positional code per KV head, shared by the query heads of its group
+    phase = 6.28 * torch.rand(hkv, d // 2, device=device, generator=g)
+    ang = omega * t + phase  # [S, Hkv, D/2]
+    pos = torch.cat([torch.cos(ang), torch.sin(ang)], -1)  # [S, Hkv, D]
+    common = torch.randn(hkv, d, device=device, generator=g)
+    q = (1.2 * pos + 0.6 * common).repeat_interleave(group, 1) \
+        + 0.3 * torch.randn(s, h, d, device=device, generator=g)
+    k = 1.2 * pos + 0.3 * torch.randn(s, hkv, d, device=device, generator=g)
+    k[:8] += 1.8 * common
     v = torch.randn(s, hkv, d, device=device, generator=g)
     return [x[None].to(torch.bfloat16).contiguous() for x in (q, k, v)]
 
