@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import configs
 from .common import LOG2E, gate_2d, gate_grad_2d, visible_2d
-from .fwd import _gate_strides, _key_ranges, _load_tile, _strides3
+from .fwd import _gate_strides, _key_ranges, _load_tile, _local_full_tiles, _strides3
 
 
 @triton.jit
@@ -481,25 +481,59 @@ def _attn_bwd_dq_kernel(
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-    b_dq, b_dalpha = _dq_tiles(
-        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-        p_skip, stride_ks, stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink,
-        w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL,
-        HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-    b_dq, b_dalpha = _dq_tiles(
-        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-        p_skip, stride_ks, stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink,
-        w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL,
-        HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     if IS_LOCAL:
+        s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
+            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+            lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
+            p_skip, stride_ks, stride_vs, stride_ds, lo1, s_full, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, s_full, hi1, seqlen_k, dist_offset, scale_log2,
             w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
             IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
+            p_skip, stride_ks, stride_vs, stride_ds, lo2, f_lo, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, f_lo, f_hi, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, f_hi, hi2, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, lo3, n_lo, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, n_lo, n_hi, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, n_hi, hi3, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+    else:
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, stride_ks, stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2,
             w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
             IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh

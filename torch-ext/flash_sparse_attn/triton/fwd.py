@@ -195,6 +195,34 @@ def _fwd_tiles_around(
 
 
 @triton.jit
+def _local_full_tiles(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+                      lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Within the local ranges of `_key_ranges` (sink [lo1, hi1), far [lo2, hi2), near
+    [lo3, hi3)), the tiles every row of the query tile sees whole, which run without a mask:
+    returns s_full (sink [lo1, s_full)), (f_lo, f_hi) and (n_lo, n_hi), each inside its range."""
+    m_first = start_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, seqlen_q) - 1
+    e_first = m_first + dist_offset  # the first row's last visible key (dist = 0)
+    e_last = m_last + dist_offset
+    # sink: j < sink, and dist >= 0 for the first row
+    s_full = tl.maximum(tl.minimum(tl.minimum(w_sink, e_first + 1), seqlen_k), 0)
+    s_full = tl.minimum(tl.maximum(s_full // BLOCK_N * BLOCK_N, lo1), hi1)
+    # far band: near + right <= dist < near + right + left for every row and key
+    f_lo = tl.cdiv(tl.maximum(e_last - (w_near + w_right + w_left) + 1, 0), BLOCK_N) * BLOCK_N
+    f_hi = tl.maximum(tl.minimum(e_first - (w_near + w_right) + 1, seqlen_k), 0)
+    f_hi = f_hi // BLOCK_N * BLOCK_N
+    f_lo = tl.minimum(tl.maximum(f_lo, lo2), hi2)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), hi2)
+    # near band: 0 <= dist < near for every row and key
+    n_lo = tl.cdiv(tl.maximum(e_last - w_near + 1, 0), BLOCK_N) * BLOCK_N
+    n_hi = tl.maximum(tl.minimum(e_first + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+    n_lo = tl.minimum(tl.maximum(n_lo, lo3), hi3)
+    n_hi = tl.minimum(tl.maximum(n_hi, n_lo), hi3)
+    return s_full, f_lo, f_hi, n_lo, n_hi
+
+
+@triton.jit
 def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 IS_LOCAL: tl.constexpr):
@@ -384,31 +412,63 @@ def _attn_fwd_kernel(
         b_gthr = m_i
         p_skip = SKIP
         PHASE: tl.constexpr = 0
-    # stage 1: fully visible tiles, no mask
-    acc, m_i, l_i, g_ref = _fwd_tiles_around(
-        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-        stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-        w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
-        IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-    # stage 2: tiles crossing a mask boundary (diagonal, band edges, sequence end)
-    acc, m_i, l_i, g_ref = _fwd_tiles_around(
-        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-        stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-        w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-        IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+    # tiles every row sees whole run without a mask; tiles crossing a mask boundary
+    # (diagonal, band edges, sequence end) with it
     if IS_LOCAL:
+        s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
+            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+            lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
         acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-            stride_ks, stride_vs, stride_ds, lo2, hi2, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-            HAS_THRESHOLD, GATE_SKIP, PHASE)
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, lo1, s_full, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
         acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-            stride_ks, stride_vs, stride_ds, lo3, hi3, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-            HAS_THRESHOLD, GATE_SKIP, PHASE)
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, s_full, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, lo2, f_lo, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, f_lo, f_hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, f_hi, hi2, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, lo3, n_lo, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, n_lo, n_hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, n_hi, hi3, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+    else:
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        acc, m_i, l_i, g_ref = _fwd_tiles_around(
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+            stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
+            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
