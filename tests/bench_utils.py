@@ -122,6 +122,8 @@ def write_csv(path: Path, rows: list[dict]):
 
 
 def print_table(rows: list[dict], cols: list[str]):
+    if not rows:
+        return
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for r in rows:

@@ -66,7 +66,10 @@ class _Ctx:
 
     @property
     def reads_values(self) -> bool:
+        # value checks need a host sync: not while compiling or capturing a CUDA graph
         if self.skip_values or torch.compiler.is_compiling():
+            return False
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return False
         return self.device is None or self.device.type != "meta"
 

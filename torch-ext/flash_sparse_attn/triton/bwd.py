@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, gate_2d, gate_grad_2d, visible_2d
-from .fwd import _gate_strides, _key_ranges, _load_tile, _local_full_tiles, _strides3
+from .common import LOG2E, gate_2d, gate_grad_2d, load_tile, visible_2d
+from .fwd import _gate_strides, _key_ranges, _local_full_tiles, _strides3
 
 
 @triton.jit
@@ -56,9 +56,9 @@ def _bwd_preprocess_kernel(
     o_d = tl.arange(0, HEAD_DIM_PAD)
     m_ok = o_m < seqlen_q
     rows = (q_start + o_m[:, None]).to(tl.int64)
-    b_o = _load_tile(O + b_off.to(tl.int64) * stride_ob + rows * stride_os + h * stride_oh
+    b_o = load_tile(O + b_off.to(tl.int64) * stride_ob + rows * stride_os + h * stride_oh
                      + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
-    b_do = _load_tile(DO + b_off.to(tl.int64) * stride_db + rows * stride_ds + h * stride_dh
+    b_do = load_tile(DO + b_off.to(tl.int64) * stride_db + rows * stride_ds + h * stride_dh
                       + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     b_di = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     o_l = b_off.to(tl.int64) * stride_lb + h * stride_lh + (q_start + o_m).to(tl.int64) * stride_ls
@@ -119,9 +119,9 @@ def _dkdv_load(p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, 
     m_ok = o_m < seqlen_q
     rows = o_m.to(tl.int64)
     # [D, M] transposed query tile, [M, D] dO tile
-    b_qT = _load_tile(p_q0 + rows[None, :] * stride_qs + o_d[:, None], m_ok[None, :],
+    b_qT = load_tile(p_q0 + rows[None, :] * stride_qs + o_d[:, None], m_ok[None, :],
                       o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, True)
-    b_do = _load_tile(p_do0 + rows[:, None] * stride_dos + o_d[None, :], m_ok[:, None],
+    b_do = load_tile(p_do0 + rows[:, None] * stride_dos + o_d[None, :], m_ok[:, None],
                       o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     b_lse2 = tl.load(p_lse2 + rows * stride_ls, mask=m_ok, other=float("inf"))
     b_di = tl.load(p_di + rows * stride_ls, mask=m_ok, other=0.0)
@@ -254,9 +254,9 @@ def _attn_bwd_dkdv_kernel(
     n_ok = o_n < seqlen_k
     krows = (k_start + o_n).to(tl.int64)
 
-    b_k = _load_tile(K + b_off64 * stride_kb + krows[:, None] * stride_ks + hk * stride_kh
+    b_k = load_tile(K + b_off64 * stride_kb + krows[:, None] * stride_ks + hk * stride_kh
                      + o_d[None, :], n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
-    b_v = _load_tile(V + b_off64 * stride_vb + krows[:, None] * stride_vs + hk * stride_vh
+    b_v = load_tile(V + b_off64 * stride_vb + krows[:, None] * stride_vs + hk * stride_vh
                      + o_d[None, :], n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     b_dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
@@ -336,9 +336,9 @@ def _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs, stride_ds, start_n
     o_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = o_n < seqlen_k
     rows = o_n.to(tl.int64)
-    b_kT = _load_tile(p_k0 + rows[None, :] * stride_ks + o_d[:, None], n_ok[None, :],
+    b_kT = load_tile(p_k0 + rows[None, :] * stride_ks + o_d[:, None], n_ok[None, :],
                       o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-    b_vT = _load_tile(p_v0 + rows[None, :] * stride_vs + o_d[:, None], n_ok[None, :],
+    b_vT = load_tile(p_v0 + rows[None, :] * stride_vs + o_d[:, None], n_ok[None, :],
                       o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     if HAS_GATE:
         b_delta = tl.load(p_delta0 + rows * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
@@ -459,9 +459,9 @@ def _attn_bwd_dq_kernel(
     o_d = tl.arange(0, HEAD_DIM_PAD)
     m_ok = o_m < seqlen_q
     rows = (q_start + o_m).to(tl.int64)
-    b_q = _load_tile(Q + b_off64 * stride_qb + rows[:, None] * stride_qs + h * stride_qh
+    b_q = load_tile(Q + b_off64 * stride_qb + rows[:, None] * stride_qs + h * stride_qh
                      + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
-    b_do = _load_tile(DO + b_off64 * stride_dob + rows[:, None] * stride_dos + h * stride_doh
+    b_do = load_tile(DO + b_off64 * stride_dob + rows[:, None] * stride_dos + h * stride_doh
                       + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     o_l = b_off64 * stride_lb + h * stride_lh + rows * stride_ls
     b_lse2 = tl.load(LSE2 + o_l, mask=m_ok, other=float("inf"))

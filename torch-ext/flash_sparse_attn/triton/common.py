@@ -111,3 +111,16 @@ def online_softmax_step(b_s, m_i, l_i):
     b_rescale = tl.math.exp2(m_i - m_use)  # 0 while m_i is -inf
     l_new = l_i * b_rescale + tl.sum(b_p, 1)
     return b_p, m_new, l_new, b_rescale
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               ROW_MASK: tl.constexpr):
+    """Load a [rows, HEAD_DIM_PAD] (or transposed) tile; masks only what can be out of range."""
+    if ROW_MASK:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            return tl.load(ptrs, mask=row_ok, other=0.0)
+        return tl.load(ptrs, mask=row_ok & (o_d < HEAD_DIM), other=0.0)
+    if HEAD_DIM == HEAD_DIM_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=o_d < HEAD_DIM, other=0.0)

@@ -6,6 +6,15 @@ No autotuning happens on a call: configs come from the launch tables in `kernels
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
 # Block-skip decisions of the sparse and gated variants (SPEC §5, §6) are taken on fixed blocks of
 # SKIP_BLOCK_M queries x SKIP_BLOCK_N keys, whatever tile shape a launch uses, so that the skip
 # set never depends on a launch config, a split count or a GPU.
@@ -33,11 +42,6 @@ def skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, has_skip: bool) -
 # --------------------------------------------------------------------------------------------
 # launch tables
 # --------------------------------------------------------------------------------------------
-import functools  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 _TABLES_FILE = Path(__file__).parent.parent / "launch_tables.json"  # no resolve(): Hub files are symlinks into blobs/
 
@@ -70,7 +74,7 @@ def head_dim_pad(head_dim: int) -> int:
 def _arch_key(t) -> str:
     if t.device.type != "cuda":
         return t.device.type
-    major, minor = __import__("torch").cuda.get_device_capability(t.device)
+    major, minor = torch.cuda.get_device_capability(t.device)
     return f"sm{major}{minor}"
 
 
@@ -135,3 +139,81 @@ def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
     if d <= 128:
         return BwdConfig(64, 64, 8, 2, 64, 64, 8, 2)
     return BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
+
+
+# Decode (split-KV, packed GQA)
+DECODE_CTAS_PER_SM = 2
+DECODE_MIN_TILES_PER_SPLIT = 2
+DECODE_MAX_SPLITS = 256
+DECODE_MAX_BLOCK_M = 64  # at most this many query heads of a KV head per program
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on H200); a nominal 132 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def decode_block_m(group: int) -> int:
+    """Rows of the packed-GQA tile: the G query heads of a KV head, padded to a power of two
+    (>= 16 for tl.dot), at most DECODE_MAX_BLOCK_M (larger groups use several programs)."""
+    return min(max(16, triton.next_power_of_2(group)), DECODE_MAX_BLOCK_M)
+
+
+def decode_config(q, head_dim: int, group: int, paged: bool = False,
+                  gather: bool = False) -> Config:
+    """Tile shape and pipelining of the decode kernel.
+
+    Launch table entry `decode` / `d<D>` (`d<D>_paged`, `d<D>_gather`, `d<D>_gather_paged`) of
+    the device's arch if present, else: a K+V tile of 32 KB (bf16: BLOCK_N = 8192 / D) and the
+    number of pipeline stages that gives two K/V tiles in flight per program. Indirect row
+    addressing (page table, index list) costs Triton's software pipeliner stages: read off the
+    TTGIR / shared-memory size of Triton 3.6 for sm_90 (2 tiles = ~72 KB of shared memory):
+    contiguous 3; paged 5; gathered 5 (3 at D <= 64, where the pipeliner overlaps the index
+    load); gathered + paged 7 (5 at D <= 64). BLOCK_M always comes from `decode_block_m`."""
+    block_m = decode_block_m(group)
+    if interpreting() or q.device.type == "cpu":
+        return Config(block_m, 32, 4, 1)
+    d = head_dim_pad(head_dim)
+    kind = "_".join(n for n, on in (("gather", gather), ("paged", paged)) if on)
+    found = _table_lookup("decode", _arch_key(q),
+                                  f"d{d}_{kind}" if kind else f"d{d}")
+    if found is not None:
+        return Config(block_m, found.block_n, found.num_warps, found.num_stages)
+    block_n = 128 if d <= 64 else 64 if d <= 128 else 32
+    stages = 3 + 2 * int(paged) + (2 * int(gather) if d > 64 else 0)
+    return Config(block_m, block_n, 4, stages)
+
+
+def decode_num_splits(batch: int, num_heads: int, num_kv_heads: int, seqlen_k: int,
+                      block_n: int, num_sms: int = 132) -> int:
+    """Split-KV heuristic: how many programs share one (sequence, KV head)'s keys.
+
+    Without splitting there are P = batch * Hkv * cdiv(G, BLOCK_M) programs (packed GQA). A
+    decode program streams K/V with two tiles in flight, so two resident programs per SM are
+    enough to keep HBM busy; the best launch is then one resident wave: every program running
+    from start to end at once, no tail wave. So split into floor(slots / P) parts with
+    slots = num_sms * DECODE_CTAS_PER_SM (one program per SM when BLOCK_M = 64: larger
+    tiles), keeping at least DECODE_MIN_TILES_PER_SPLIT key tiles per split (seqlen_k: the
+    longest sequence, or topk with a gather list) and at most DECODE_MAX_SPLITS. P >= slots:
+    no split (several waves of whole sequences). Examples on an H200 (132 SMs, H=32, Hkv=8,
+    D=128, BLOCK_N=64): B=1 -> 33 splits, B=8 -> 4, B=32 -> 1.
+    A function of shapes only: the same count for a whole CUDA graph / compiled region."""
+    group = max(1, num_heads // max(num_kv_heads, 1))
+    block_m = decode_block_m(group)
+    programs = batch * num_kv_heads * triton.cdiv(group, block_m)
+    if programs <= 0:
+        return 1
+    slots = num_sms * (1 if block_m >= 64 else DECODE_CTAS_PER_SM)
+    n_tiles = triton.cdiv(max(int(seqlen_k), 1), block_n)
+    splits = min(slots // programs, n_tiles // DECODE_MIN_TILES_PER_SPLIT, DECODE_MAX_SPLITS)
+    return max(1, splits)

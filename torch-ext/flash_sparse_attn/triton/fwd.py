@@ -25,20 +25,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LN2, LOG2E, gate, gate_2d, online_softmax_step, visible, visible_count
-
-
-@triton.jit
-def _load_tile(ptrs, row_ok, o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               ROW_MASK: tl.constexpr):
-    """Load a [rows, HEAD_DIM_PAD] (or transposed) tile; masks only what can be out of range."""
-    if ROW_MASK:
-        if HEAD_DIM == HEAD_DIM_PAD:
-            return tl.load(ptrs, mask=row_ok, other=0.0)
-        return tl.load(ptrs, mask=row_ok & (o_d < HEAD_DIM), other=0.0)
-    if HEAD_DIM == HEAD_DIM_PAD:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=o_d < HEAD_DIM, other=0.0)
+from .common import LN2, gate, gate_2d, load_tile, online_softmax_step, visible, visible_count
 
 
 @triton.jit
@@ -49,7 +36,7 @@ def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, se
                  IS_LOGSIGMOID: tl.constexpr):
     """Base-2 scores of one tile, masked keys at -inf: ((q.k + g) * scale * log2e)."""
     # [D, N] transposed key tile
-    b_k = _load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
+    b_k = load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
                      n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     b_s = tl.dot(b_q, b_k)  # [M, N] fp32
     if HAS_GATE:
@@ -71,7 +58,7 @@ def _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
     """The online-softmax update (the only copy): rescale, add P @ V."""
     b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
     # [N, D] value tile
-    b_v = _load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
+    b_v = load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
                      n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     acc = acc * b_r[:, None]
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
@@ -327,7 +314,7 @@ def _attn_fwd_kernel(
 
     p_q = (Q + b_off.to(tl.int64) * stride_qb + (q_start + o_m[:, None]).to(tl.int64) * stride_qs
            + h * stride_qh + o_d[None, :])
-    b_q = _load_tile(p_q, m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
+    b_q = load_tile(p_q, m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     p_k0 = K + b_off.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     p_v0 = V + b_off.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
 
