@@ -124,3 +124,17 @@ def load_tile(ptrs, row_ok, o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.conste
     if HEAD_DIM == HEAD_DIM_PAD:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=o_d < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
+    """The online-softmax update (the only copy): rescale the accumulator, add P @ V for the
+    value rows at p_v0 + o_n * stride_vs (decode passes element offsets with stride 1)."""
+    b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
+    # [N, D] value tile
+    b_v = load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
+                     n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    acc = acc * b_r[:, None]
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+    return acc, m_i, l_i

@@ -53,7 +53,7 @@ import triton.language as tl
 from . import configs
 from .configs import decode_block_m, decode_config, decode_num_splits, num_sms
 from .combine import launch_combine
-from .common import LN2, gate, load_tile, online_softmax_step, visible_2d
+from .common import LN2, accumulate_tile, gate, load_tile, visible_2d
 
 # split heuristic (decode_num_splits): resident programs per SM assumed, least tiles per split
 
@@ -261,12 +261,8 @@ def _decode_tiles(
             b_delta = tl.load(p_d0 + o_dl, mask=n_ok, other=0.0).to(tl.float32)  # [N]
             b_s += gate(b_alpha, b_delta, IS_LOGSIGMOID)
         b_s = tl.where(m_vis, b_s * scale_log2, float("-inf"))
-        b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
-        # [N, D] value tile
-        b_v = load_tile(p_v0 + o_v[:, None] + o_d[None, :], n_ok[:, None], o_d[None, :],
-                         HEAD_DIM, HEAD_DIM_PAD, True)
-        acc = acc * b_r[:, None]
-        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
+        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_v, n_ok, o_d, p_v0, 1, HEAD_DIM,
+                                        HEAD_DIM_PAD, True)
     return acc, m_i, l_i
 
 

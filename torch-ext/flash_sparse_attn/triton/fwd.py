@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LN2, gate, gate_2d, load_tile, online_softmax_step, visible, visible_count
+from .common import LN2, accumulate_tile, gate, gate_2d, load_tile, visible, visible_count
 
 
 @triton.jit
@@ -50,19 +50,6 @@ def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, se
                         w_sink, w_left, w_right, w_near)
         b_s = tl.where(m_vis, b_s, float("-inf"))
     return b_s, b_g
-
-
-@triton.jit
-def _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
-    """The online-softmax update (the only copy): rescale, add P @ V."""
-    b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
-    # [N, D] value tile
-    b_v = load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
-                     n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
-    acc = acc * b_r[:, None]
-    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -120,7 +107,7 @@ def _fwd_tiles(
                                   0) == 0:
                             code = start_n * 0 + 2
                     if code == 1:
-                        acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d,
+                        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d,
                                                          p_v0, stride_vs, HEAD_DIM,
                                                          HEAD_DIM_PAD, MASKED)
             else:
@@ -134,7 +121,7 @@ def _fwd_tiles(
                 if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
                     code = start_n * 0 + 2
                 if code == 1:
-                    acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                    acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
                                                      stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
             tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
         else:
@@ -145,7 +132,7 @@ def _fwd_tiles(
             if GATE_SKIP and PHASE == 1:
                 g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
                                                           float("-inf")), 1))
-            acc, m_i, l_i = _tile_accumulate(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+            acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
                                              stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
             if PHASE == 1:
                 tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
