@@ -291,27 +291,16 @@ def _attn_bwd_dkdv_kernel(
         lo1, hi1, lo2, hi2, lo3, hi3 = _query_ranges(
             start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-        b_dk, b_dv, b_ddelta = _dkdv_tiles(
-            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm,
-            lo1, hi1, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
-            w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL,
-            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
-        b_dk, b_dv, b_ddelta = _dkdv_tiles(
-            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm,
-            lo2, hi2, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
-            w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL,
-            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
-        b_dk, b_dv, b_ddelta = _dkdv_tiles(
-            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm,
-            lo3, hi3, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
-            w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL,
-            HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
+        los = (lo1, lo2, lo3)
+        his = (hi1, hi2, hi3)
+        for r in tl.static_range(3):  # masked, unmasked (every row sees every key), masked
+            b_dk, b_dv, b_ddelta = _dkdv_tiles(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
+                stride_as, stride_dqs, stride_das, stride_sm, los[r], his[r], seqlen_q,
+                seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, r != 1, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+                IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
 
     # keys past seqused_k (and padding rows) get zero gradients
     w_ok = (o_n < seqlen_k_all)[:, None]
@@ -481,61 +470,22 @@ def _attn_bwd_dq_kernel(
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+    # as in the forward: whole-visible tiles unmasked, edge tiles masked (MASKED = r % 3 != 0)
     if IS_LOCAL:
         s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
             start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo1, s_full, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, s_full, hi1, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo2, f_lo, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, f_lo, f_hi, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, f_hi, hi2, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo3, n_lo, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, n_lo, n_hi, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, n_hi, hi3, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+        los = (lo1, s_full, lo2, f_lo, f_hi, lo3, n_lo, n_hi)
+        his = (s_full, hi1, f_lo, f_hi, hi2, n_lo, n_hi, hi3)
     else:
+        los = (lo0, lo1)
+        his = (hi0, hi1)
+    for r in tl.static_range(len(los)):
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+            p_skip, stride_ks, stride_vs, stride_ds, los[r], his[r], seqlen_k, dist_offset,
+            scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+            r % 3 != 0, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh
              + o_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))

@@ -386,63 +386,25 @@ def _attn_fwd_kernel(
         b_gthr = m_i
         p_skip = SKIP
         PHASE: tl.constexpr = 0
-    # tiles every row sees whole run without a mask; tiles crossing a mask boundary
-    # (diagonal, band edges, sequence end) with it
+    # tiles every row sees whole run without a mask, tiles crossing a mask boundary (diagonal,
+    # band edges, sequence end) with it: sub-ranges r with MASKED = r % 3 != 0
     if IS_LOCAL:
         s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
             start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, lo1, s_full, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, s_full, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, lo2, f_lo, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, f_lo, f_hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, f_hi, hi2, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, lo3, n_lo, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, n_lo, n_hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, n_hi, hi3, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        # sink: whole | edge; far band: edge | whole | edge; near band: edge | whole | edge
+        los = (lo1, s_full, lo2, f_lo, f_hi, lo3, n_lo, n_hi)
+        his = (s_full, hi1, f_lo, f_hi, hi2, n_lo, n_hi, hi3)
     else:
+        los = (lo0, lo1)
+        his = (hi0, hi1)
+    for r in tl.static_range(len(los)):
         acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, lo0, hi0, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-            stride_vs, stride_ds, lo1, hi1, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-            w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            stride_ks, stride_vs, stride_ds, los[r], his[r], seqlen_k, dist_offset, scale_log2,
+            w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, r % 3 != 0, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
+            GATE_SKIP, PHASE)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
