@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import configs
 from .common import LOG2E, gate_2d, gate_grad_2d, load_tile, visible_2d
-from .fwd import _gate_strides, _key_ranges, _local_full_tiles, _strides3
+from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
 
 
 @triton.jit
@@ -470,16 +470,10 @@ def _attn_bwd_dq_kernel(
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-    # as in the forward: whole-visible tiles unmasked, edge tiles masked (MASKED = r % 3 != 0)
-    if IS_LOCAL:
-        s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
-            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
-            lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
-        los = (lo1, s_full, lo2, f_lo, f_hi, lo3, n_lo, n_hi)
-        his = (s_full, hi1, f_lo, f_hi, hi2, n_lo, n_hi, hi3)
-    else:
-        los = (lo0, lo1)
-        his = (hi0, hi1)
+    # as in the forward: whole-visible tiles unmasked, edge tiles masked (r % 3 != 0)
+    los, his = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right,
+                            w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N,
+                            IS_LOCAL)
     for r in tl.static_range(len(los)):
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,

@@ -197,6 +197,25 @@ def _local_full_tiles(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, 
 
 
 @triton.jit
+def _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+                 lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IS_LOCAL: tl.constexpr):
+    """The key-tile sub-ranges of `_key_ranges`, ordered, as tuples (los, his); sub-range r runs
+    unmasked iff r % 3 == 0. Not local: (fully visible | masked). Local: sink (whole | edge),
+    far band (edge | whole | edge), near band (edge | whole | edge)."""
+    if IS_LOCAL:
+        s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
+            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+            lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
+        los = (lo1, s_full, lo2, f_lo, f_hi, lo3, n_lo, n_hi)
+        his = (s_full, hi1, f_lo, f_hi, hi2, n_lo, n_hi, hi3)
+    else:
+        los = (lo0, lo1)
+        his = (hi0, hi1)
+    return los, his
+
+
+@triton.jit
 def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 IS_LOCAL: tl.constexpr):
@@ -387,17 +406,10 @@ def _attn_fwd_kernel(
         p_skip = SKIP
         PHASE: tl.constexpr = 0
     # tiles every row sees whole run without a mask, tiles crossing a mask boundary (diagonal,
-    # band edges, sequence end) with it: sub-ranges r with MASKED = r % 3 != 0
-    if IS_LOCAL:
-        s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
-            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
-            lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
-        # sink: whole | edge; far band: edge | whole | edge; near band: edge | whole | edge
-        los = (lo1, s_full, lo2, f_lo, f_hi, lo3, n_lo, n_hi)
-        his = (s_full, hi1, f_lo, f_hi, hi2, n_lo, n_hi, hi3)
-    else:
-        los = (lo0, lo1)
-        his = (hi0, hi1)
+    # band edges, sequence end) with it: sub-range r is masked iff r % 3 != 0
+    los, his = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right,
+                            w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N,
+                            IS_LOCAL)
     for r in tl.static_range(len(los)):
         acc, m_i, l_i, g_ref = _fwd_tiles_around(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
