@@ -371,21 +371,18 @@ def _attn_decode_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, hi = _split_part(lo1, hi1, 0, t0, t1, BLOCK_N)
-    acc, m_i, l_i = _decode_tiles(
-        acc, m_i, l_i, b_q, b_alpha, i_q, lo, hi, seqlen, n_items, o_d, p_k0, p_v0, p_d0, p_pt,
-        p_g, stride_kb, stride_ks, stride_vb, stride_vs, stride_db, stride_ds, stride_gi,
-        num_pages, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-        PAGE_SIZE, IS_PAGED, IS_GATHER, IS_LOCAL, WINDOW_PER_QHEAD, HAS_GATE, IS_LOGSIGMOID)
+    # the key ranges in order (sink, far band, near band for windows shared by the group);
+    # this split takes tiles [t0, t1) of their concatenation
     if IS_LOCAL and not WINDOW_PER_QHEAD and not IS_GATHER:
-        lo, hi = _split_part(lo2, hi2, n1, t0, t1, BLOCK_N)
-        acc, m_i, l_i = _decode_tiles(
-            acc, m_i, l_i, b_q, b_alpha, i_q, lo, hi, seqlen, n_items, o_d, p_k0, p_v0, p_d0,
-            p_pt, p_g, stride_kb, stride_ks, stride_vb, stride_vs, stride_db, stride_ds,
-            stride_gi, num_pages, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, IS_PAGED, IS_GATHER, IS_LOCAL, WINDOW_PER_QHEAD,
-            HAS_GATE, IS_LOGSIGMOID)
-        lo, hi = _split_part(lo3, hi3, n1 + n2, t0, t1, BLOCK_N)
+        los = (lo1, lo2, lo3)
+        his = (hi1, hi2, hi3)
+        firsts = (0, n1, n1 + n2)
+    else:
+        los = (lo1,)
+        his = (hi1,)
+        firsts = (0,)
+    for r in tl.static_range(len(los)):
+        lo, hi = _split_part(los[r], his[r], firsts[r], t0, t1, BLOCK_N)
         acc, m_i, l_i = _decode_tiles(
             acc, m_i, l_i, b_q, b_alpha, i_q, lo, hi, seqlen, n_items, o_d, p_k0, p_v0, p_d0,
             p_pt, p_g, stride_kb, stride_ks, stride_vb, stride_vs, stride_db, stride_ds,
