@@ -74,6 +74,17 @@ def timed(fn, ins, mode):
     return bench(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True))
 
 
+def add_timings(row, fn, ins, modes, base):
+    """Time fn on ins per mode; add times and ratios to our dense and to cuDNN dense."""
+    for m in modes:
+        ms = timed(fn, ins, m)
+        row[f"{m}_ms"] = ms
+        row[f"{m}_dense_ms"] = base[m]["dense"]
+        row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
+        row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
+        row[f"{m}_vs_dense"] = ms / base[m]["dense"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -112,13 +123,7 @@ def main():
                        "dense_err_vs_exact": dense_err}
                 fn = lambda q_, k_, v_, t=t: fsa.flash_sparse_attn_func(  # noqa: E731
                     q_, k_, v_, is_causal=True, softmax_threshold=t)
-                for m in modes:
-                    ms = timed(fn, (q, k, v), m)
-                    row[f"{m}_ms"] = ms
-                    row[f"{m}_dense_ms"] = base[m]["dense"]
-                    row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
-                    row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
-                    row[f"{m}_vs_dense"] = ms / base[m]["dense"]
+                add_timings(row, fn, (q, k, v), modes, base)
                 rows_out.append(row)
                 print(row, flush=True)
             if kind == "llm":
@@ -142,13 +147,7 @@ def main():
                            "err_vs_exact": (out[0, sample].double() - ex).abs().max().item()}
                     fn = lambda q_, k_, v_, a_, d_, gt=gt: fsa.flash_gated_attn_func(  # noqa
                         q_, k_, v_, a_, d_, is_causal=True, gate_threshold=gt)
-                    for m in modes:
-                        ms = timed(fn, (q, k, v, alpha, delta), m)
-                        row[f"{m}_ms"] = ms
-                        row[f"{m}_dense_ms"] = base[m]["dense"]
-                        row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
-                        row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
-                        row[f"{m}_vs_dense"] = ms / base[m]["dense"]
+                    add_timings(row, fn, (q, k, v, alpha, delta), modes, base)
                     rows_out.append(row)
                     print(row, flush=True)
             del q, k, v
