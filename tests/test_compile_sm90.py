@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 I32_PTRS = {"CU_Q", "CU_K", "SEQUSED_K", "WINDOWS", "PAGE_TABLE", "GATHER"}
 F32_PTRS = {"LSE", "LSE2", "DI", "DQ", "DALPHA", "O_PART", "LSE_PART"}
@@ -107,21 +109,35 @@ def compile_all(pkg):
     return lines
 
 
-def test_kernels_compile_for_sm90(fsa):
-    """Every kernel variant compiles to an sm_90 cubin; the attention matmuls use wgmma."""
+COMPAT_ENV = "FSA_TRITON_COMPAT_PATH"
+
+
+@pytest.mark.parametrize("triton_path", [None, "compat"], ids=["ci-triton", "compat-triton"])
+def test_kernels_compile_for_sm90(fsa, triton_path):
+    """Every kernel variant compiles to an sm_90 cubin; the attention matmuls use wgmma.
+    `compat-triton` repeats it with the Triton the GPU machines run (3.6), installed by .ci/run
+    into the folder named by $FSA_TRITON_COMPAT_PATH: the kernels must build with both."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path == "compat":
+        path = os.environ.get(COMPAT_ENV)
+        if not path:
+            pytest.skip(f"{COMPAT_ENV} is not set (.ci/run installs triton==3.6.0 there)")
+        env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
     variant = Path(fsa.__file__).parent
     code = (
-        "import sys; from pathlib import Path; import kernels;"
+        "import sys; from pathlib import Path; import triton, kernels;"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r});"
         "import test_compile_sm90 as t;"
         f"m = kernels.get_local_kernel(Path({str(variant)!r}));"
+        "print('triton', triton.__version__);"
         "print('\\n'.join(t.compile_all(m.__name__)))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
+    if triton_path == "compat":
+        assert lines[0] == "triton 3.6.0", lines[0]
     assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 12, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 3 and "combine ok" in lines, lines
