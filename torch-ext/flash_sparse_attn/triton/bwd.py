@@ -72,22 +72,27 @@ def _bwd_preprocess_kernel(
 def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   IS_LOCAL: tl.constexpr):
-    """Query-tile ranges that can see key tile [start_n, start_n + BLOCK_N): (lo1, hi1) masked,
-    (lo2, hi2) unmasked (every row sees every key), (lo3, hi3) masked; disjoint, ordered."""
+    """Query-tile sub-ranges that can see key tile [start_n, start_n + BLOCK_N), as tuples
+    (los, his), disjoint and ordered; sub-range r runs unmasked (every row sees every key of the
+    tile) iff r % 3 == 1. Not local: (masked | whole | masked). Local: near band (edge | whole |
+    edge), far band (edge | whole | edge); a key tile inside the sink: (edge | whole), then
+    nothing."""
     n_first = start_n
     n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
     q_end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
     complete = start_n + BLOCK_N <= seqlen_k
+    # rows i with dist = i + off - j >= 0 for some key j of the tile, and for all of them
+    lo1 = tl.minimum(tl.maximum(n_first - dist_offset, 0) // BLOCK_M * BLOCK_M, q_end)
+    full = tl.minimum(tl.cdiv(tl.maximum(n_last - dist_offset, 0), BLOCK_M) * BLOCK_M, q_end)
+    full = tl.maximum(full, lo1)
     if IS_LOCAL:
-        # rows i with dist = i + off - j >= 0 for some key j of the tile
-        r0 = tl.maximum(n_first - dist_offset, 0)
-        lo1 = tl.minimum(r0 // BLOCK_M * BLOCK_M, q_end)
-        if n_first < w_sink:
-            return lo1, q_end, q_end, q_end, q_end, q_end
         # near band: dist in [0, near) -> i in [j - off, j - off + near)
         n_hi = tl.minimum(n_last - dist_offset + w_near, seqlen_q)
         hi1 = tl.where(w_near > 0, tl.cdiv(tl.maximum(n_hi, 0), BLOCK_M) * BLOCK_M, lo1)
         hi1 = tl.maximum(hi1, lo1)
+        nw_hi = tl.maximum(n_first - dist_offset + w_near, 0) // BLOCK_M * BLOCK_M
+        nw_lo = tl.minimum(full, hi1)
+        nw_hi = tl.where(complete, tl.minimum(tl.maximum(nw_hi, nw_lo), hi1), nw_lo)
         # far band: dist in [near + right, near + right + left)
         f_lo = tl.maximum(n_first - dist_offset + w_near + w_right, 0)
         f_hi = tl.minimum(n_last - dist_offset + w_near + w_right + w_left, seqlen_q)
@@ -95,19 +100,30 @@ def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_ri
         hi3 = tl.where((w_left > 0) & (f_hi > f_lo),
                        tl.cdiv(tl.maximum(f_hi, 0), BLOCK_M) * BLOCK_M, lo3)
         hi3 = tl.maximum(hi3, lo3)
-        return lo1, hi1, hi1, hi1, lo3, hi3
-    if IS_CAUSAL:
-        r0 = tl.maximum(n_first - dist_offset, 0)
-        lo1 = tl.minimum(r0 // BLOCK_M * BLOCK_M, q_end)
-        # first tile whose first row sees the whole key tile
-        full = tl.minimum(tl.cdiv(tl.maximum(n_last - dist_offset, 0), BLOCK_M) * BLOCK_M, q_end)
-        full = tl.maximum(full, lo1)
+        fw_lo = tl.cdiv(tl.maximum(n_last - dist_offset + w_near + w_right, 0), BLOCK_M) * BLOCK_M
+        fw_hi = tl.maximum(n_first - dist_offset + w_near + w_right + w_left, 0) // BLOCK_M \
+            * BLOCK_M
+        fw_lo = tl.minimum(tl.maximum(fw_lo, lo3), hi3)
+        fw_hi = tl.where(complete, tl.minimum(tl.maximum(fw_hi, fw_lo), hi3), fw_lo)
+        # a key tile starting inside the sink: every row from its first visible one sees it
+        in_sink = n_first < w_sink
+        sw = tl.where(complete & (n_last < w_sink), full, q_end)
+        los = (lo1, tl.where(in_sink, sw, nw_lo), tl.where(in_sink, q_end, nw_hi),
+               tl.where(in_sink, q_end, lo3), tl.where(in_sink, q_end, fw_lo),
+               tl.where(in_sink, q_end, fw_hi))
+        his = (tl.where(in_sink, sw, nw_lo), tl.where(in_sink, q_end, nw_hi),
+               tl.where(in_sink, q_end, hi1), tl.where(in_sink, q_end, fw_lo),
+               tl.where(in_sink, q_end, fw_hi), tl.where(in_sink, q_end, hi3))
+    elif IS_CAUSAL:
         hi1 = tl.where(complete, full, q_end)
-        return lo1, hi1, hi1, q_end, q_end, q_end
-    zero = q_end * 0
-    if complete:
-        return zero, zero, zero, q_end, q_end, q_end
-    return zero, q_end, q_end, q_end, q_end, q_end
+        los = (lo1, hi1, q_end)
+        his = (hi1, q_end, q_end)
+    else:
+        zero = q_end * 0
+        hi1 = tl.where(complete, zero, q_end)
+        los = (zero, hi1, q_end)
+        his = (hi1, q_end, q_end)
+    return los, his
 
 
 @triton.jit
@@ -288,18 +304,16 @@ def _attn_bwd_dkdv_kernel(
         p_dalpha0 = DALPHA + b_off64 * stride_dab + h * stride_dah \
             + q_start.to(tl.int64) * stride_das
         p_skip = SKIP + b * stride_sb + h * stride_sh + start_n // SKIP_N
-        lo1, hi1, lo2, hi2, lo3, hi3 = _query_ranges(
+        los, his = _query_ranges(
             start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-        los = (lo1, lo2, lo3)
-        his = (hi1, hi2, hi3)
-        for r in tl.static_range(3):  # masked, unmasked (every row sees every key), masked
+        for r in tl.static_range(len(los)):  # r % 3 == 1: every row sees every key
             b_dk, b_dv, b_ddelta = _dkdv_tiles(
                 b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
                 DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
                 stride_as, stride_dqs, stride_das, stride_sm, los[r], his[r], seqlen_q,
                 seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, r != 1, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, r % 3 != 1, IS_CAUSAL, IS_LOCAL, HAS_GATE,
                 IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
 
     # keys past seqused_k (and padding rows) get zero gradients
