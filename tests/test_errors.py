@@ -229,6 +229,12 @@ GENERIC = [
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rule,variant,mutate,exc,match", GENERIC, ids=[r[0] for r in GENERIC])
 def test_generic_rule(fsa, kind, rule, variant, mutate, exc, match):
+    check_rule(fsa, kind, variant, mutate, exc, match)
+
+
+def check_rule(fsa, kind, variant, mutate, exc, match):
+    """One bad input through the public function: the exception type, a message naming the
+    argument (`match`), prefixed with the function's name."""
     kw = inputs(kind, variant)
     mutate(kw)
     with pytest.raises(exc, match=match) as info:
@@ -388,11 +394,7 @@ SPECIFIC = [
                          ids=[r[2] if r[2].startswith(r[0]) else f"{r[0]}-{r[2]}"
                               for r in SPECIFIC])
 def test_specific_rule(fsa, kind, variant, rule, mutate, exc, match):
-    kw = inputs(kind, variant)
-    mutate(kw)
-    with pytest.raises(exc, match=match) as info:
-        public(fsa, kind, variant)(**kw)
-    assert str(info.value).startswith(f"{public(fsa, kind, variant).__name__}: ")
+    check_rule(fsa, kind, variant, mutate, exc, match)
 
 
 def test_validate_refuses_paged_and_packed_together(validate):

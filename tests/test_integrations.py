@@ -421,17 +421,11 @@ def test_transformers_hub_kernel_cuda_bf16(fsa, bundle_root, monkeypatch):
     """The Triton kernels through transformers: bf16 on CUDA, logits under the error rule
     against the float64 model (sdpa in bf16 as the same-dtype computation); generation runs."""
     import transformers.modeling_flash_attention_utils as fa_utils
-    from transformers import LlamaForCausalLM
 
     monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={bundle_root}")
     monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
-    torch.manual_seed(0)
-    ours = LlamaForCausalLM._from_config(copy.deepcopy(llama_config()),
-                                         attn_implementation=REPO_ID).eval()
-    sdpa = LlamaForCausalLM._from_config(copy.deepcopy(llama_config()),
-                                         attn_implementation="sdpa").eval()
-    sdpa.load_state_dict(ours.state_dict())
-    sdpa64 = copy.deepcopy(sdpa).double().cuda()
+    ours, sdpa, sdpa64 = make_models(REPO_ID)
+    sdpa64 = sdpa64.cuda()
     ours, sdpa = ours.to("cuda", torch.bfloat16), sdpa.to("cuda", torch.bfloat16)
     ids, mask = (t.cuda() for t in batch())
     keep = mask.bool()
