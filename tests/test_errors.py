@@ -510,3 +510,27 @@ def test_value_checks_sync_once(validate, monkeypatch):
         calls.clear()
         call_validate(validate, kind, "gated", inputs(kind, "gated"))
         assert len(calls) == 1, (kind, len(calls))
+
+
+@pytest.mark.parametrize("kind", ["varlen", "decode", "paged", "packed"])
+def test_value_checks_remembered_until_tensor_changes(validate, monkeypatch, kind):
+    """A passed value check is not repeated for the same tensor objects at the same version
+    (no host sync per layer); an in-place write, another object or other scalars re-check."""
+    calls = []
+    orig = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or orig(t))
+    kw = inputs(kind, "dense")
+    for _ in range(3):
+        call_validate(validate, kind, "dense", kw)
+    assert len(calls) == 1
+    bad, message = BAD_VALUES[kind]
+    (name, value), = bad.items()
+    if kw.get(name) is not None and kw[name].shape == value.shape:
+        kw[name].copy_(value)  # same object, written in place: its version changes
+    else:
+        kw.update(bad)
+    with pytest.raises(ValueError, match=message):
+        call_validate(validate, kind, "dense", kw)
+    with pytest.raises(ValueError, match=message):  # a failed check is never remembered
+        call_validate(validate, kind, "dense", kw)
+    assert len(calls) == 3
