@@ -77,7 +77,8 @@ def compile_all(pkg):
         consts["HEAD_DIM_PAD"] = max(16, 1 << (consts["HEAD_DIM"] - 1).bit_length())
         k = _compile(fwd._attn_fwd_kernel, consts, num_stages=3)
         lines.append(f"fwd {sorted(flags)} wgmma={'wgmma.mma_async' in k.asm['ptx']}")
-    for flags in (dict(), dict(HAS_SKIP=True, HAS_GATE=True), dict(IS_LOCAL=True, IS_VARLEN=True)):
+    for flags in (dict(), dict(HAS_SKIP=True, HAS_GATE=True), dict(IS_LOCAL=True, IS_VARLEN=True),
+                  dict(IS_LOCAL=True, WINDOW_PER_QHEAD=True)):
         base = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64, BLOCK_N=64, IS_CAUSAL=True,
                     IS_LOCAL=False, WINDOW_PER_QHEAD=False, IS_VARLEN=False,
                     HAS_SEQUSED_K=False, HAS_GATE=False, IS_LOGSIGMOID=True, HAS_SKIP=False,
@@ -138,6 +139,6 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     lines = proc.stdout.strip().splitlines()
     if triton_path == "compat":
         assert lines[0] == "triton 3.6.0", lines[0]
-    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 12, lines
+    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 14, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 3 and "combine ok" in lines, lines

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, gate_2d, gate_grad_2d, load_tile, visible_2d
+from .common import LOG2E, gate_2d, gate_grad_2d, load_tile, tile_count, tile_start, visible_2d
 from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
 
 
@@ -72,11 +72,12 @@ def _bwd_preprocess_kernel(
 def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   IS_LOCAL: tl.constexpr):
-    """Query-tile sub-ranges that can see key tile [start_n, start_n + BLOCK_N), as tuples
-    (los, his), disjoint and ordered; sub-range r runs unmasked (every row sees every key of the
-    tile) iff r % 3 == 1. Not local: (masked | whole | masked). Local: near band (edge | whole |
-    edge), far band (edge | whole | edge); a key tile inside the sink: (edge | whole), then
-    nothing."""
+    """Query-tile ranges that can see key tile [start_n, start_n + BLOCK_N), split by mask
+    flavour into two tuple pairs (whole, edges): query tiles whose every row sees every key of
+    the tile (run unmasked) and the others (run masked). Not local: whole (below the diagonal)
+    and edges (the diagonal, or everything for an incomplete key tile). Local: near band
+    (edge | whole | edge), far band (edge | whole | edge); a key tile inside the sink:
+    (edge | whole), then nothing."""
     n_first = start_n
     n_last = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
     q_end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
@@ -108,22 +109,22 @@ def _query_ranges(start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_ri
         # a key tile starting inside the sink: every row from its first visible one sees it
         in_sink = n_first < w_sink
         sw = tl.where(complete & (n_last < w_sink), full, q_end)
-        los = (lo1, tl.where(in_sink, sw, nw_lo), tl.where(in_sink, q_end, nw_hi),
-               tl.where(in_sink, q_end, lo3), tl.where(in_sink, q_end, fw_lo),
-               tl.where(in_sink, q_end, fw_hi))
-        his = (tl.where(in_sink, sw, nw_lo), tl.where(in_sink, q_end, nw_hi),
-               tl.where(in_sink, q_end, hi1), tl.where(in_sink, q_end, fw_lo),
-               tl.where(in_sink, q_end, fw_hi), tl.where(in_sink, q_end, hi3))
+        whole = ((tl.where(in_sink, sw, nw_lo), tl.where(in_sink, q_end, fw_lo)),
+                 (tl.where(in_sink, q_end, nw_hi), tl.where(in_sink, q_end, fw_hi)))
+        edges = ((lo1, tl.where(in_sink, q_end, nw_hi), tl.where(in_sink, q_end, lo3),
+                  tl.where(in_sink, q_end, fw_hi)),
+                 (tl.where(in_sink, sw, nw_lo), tl.where(in_sink, q_end, hi1),
+                  tl.where(in_sink, q_end, fw_lo), tl.where(in_sink, q_end, hi3)))
     elif IS_CAUSAL:
         hi1 = tl.where(complete, full, q_end)
-        los = (lo1, hi1, q_end)
-        his = (hi1, q_end, q_end)
+        whole = ((hi1,), (q_end,))
+        edges = ((lo1,), (hi1,))
     else:
         zero = q_end * 0
         hi1 = tl.where(complete, zero, q_end)
-        los = (zero, hi1, q_end)
-        his = (hi1, q_end, q_end)
-    return los, his
+        whole = ((hi1,), (q_end,))
+        edges = ((zero,), (hi1,))
+    return whole, edges
 
 
 @triton.jit
@@ -189,34 +190,43 @@ def _dkdv_math(
 @triton.jit
 def _dkdv_tiles(
     b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
-    p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
-    stride_das, stride_sm, lo, hi, seqlen_q, seqlen_k,
+    p_dq0, p_dalpha0, p_skip, stride_qh, stride_doh, stride_lh, stride_ah, stride_dqh,
+    stride_dah, stride_sh, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
+    stride_das, stride_sm, los, his, n_heads, seqlen_q, seqlen_k,
     dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
 ):
-    """Visit query tiles [lo, hi) for one key tile; with HAS_SKIP, pairs the forward skipped
-    (code >= 2 in p_skip, indexed by query block) do no math."""
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+    """Visit the query tiles of the ranges [los[r], his[r]) for one key tile, for `n_heads`
+    consecutive query heads (pointers given for the first), in one loop: the pipeline is
+    filled once for the whole group, not once per head and range. With HAS_SKIP, pairs the
+    forward skipped (code >= 2 in p_skip, indexed by query block) do no math."""
+    n_per = tile_count(los, his, 0, 0, BLOCK_M, False)
+    for t in range(0, n_per * n_heads):
+        g = t // n_per
+        start_m = tl.multiple_of(tile_start(t - g * n_per, los, his, 0, 0, BLOCK_M, False),
+                                 BLOCK_M)
         # loads stay unconditional (pipelined); a skipped pair does no math
         o_m, m_ok, rows, b_qT, b_do, b_lse2, b_di, b_alpha = _dkdv_load(
-            p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, stride_ls,
-            stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
+            p_q0 + g * stride_qh, p_do0 + g * stride_doh, p_lse2 + g * stride_lh,
+            p_di + g * stride_lh, p_alpha0 + g * stride_ah, o_d, stride_qs, stride_dos,
+            stride_ls, stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
+        p_dqh = p_dq0 + g * stride_dqh
+        p_dah = p_dalpha0 + g * stride_dah
         if HAS_SKIP:
-            code = tl.load(p_skip + (start_m // SKIP_M) * stride_sm)
+            code = tl.load(p_skip + g * stride_sh + (start_m // SKIP_M) * stride_sm)
             if code < 2:
                 b_dk, b_dv, b_ddelta = _dkdv_math(
                     b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT,
-                    b_do, b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das,
+                    b_do, b_lse2, b_di, b_alpha, p_dqh, p_dah, stride_dqs, stride_das,
                     seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
                     HEAD_DIM, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
         else:
             b_dk, b_dv, b_ddelta = _dkdv_math(
                 b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do,
-                b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k,
+                b_lse2, b_di, b_alpha, p_dqh, p_dah, stride_dqs, stride_das, seqlen_k,
                 dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
     return b_dk, b_dv, b_ddelta
@@ -283,8 +293,12 @@ def _attn_bwd_dkdv_kernel(
     else:
         b_delta = b_ddelta
 
-    for g in range(GROUP):
-        h = hk * GROUP + g
+    # query heads of this KV head walked together when they share one window (always
+    # outside local attention); per-query-head windows give per-head ranges
+    n_walks = GROUP if WINDOW_PER_QHEAD else 1
+    for w in range(n_walks):
+        h = hk * GROUP + w
+        heads = 1 if WINDOW_PER_QHEAD else GROUP
         if IS_LOCAL:
             p_w = WINDOWS + (h if WINDOW_PER_QHEAD else hk) * stride_wh
             w_sink = tl.load(p_w + 0)
@@ -304,17 +318,25 @@ def _attn_bwd_dkdv_kernel(
         p_dalpha0 = DALPHA + b_off64 * stride_dab + h * stride_dah \
             + q_start.to(tl.int64) * stride_das
         p_skip = SKIP + b * stride_sb + h * stride_sh + start_n // SKIP_N
-        los, his = _query_ranges(
+        whole, edges = _query_ranges(
             start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-        for r in tl.static_range(len(los)):  # r % 3 == 1: every row sees every key
-            b_dk, b_dv, b_ddelta = _dkdv_tiles(
-                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
-                stride_as, stride_dqs, stride_das, stride_sm, los[r], his[r], seqlen_q,
-                seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, r % 3 != 1, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-                IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
+        b_dk, b_dv, b_ddelta = _dkdv_tiles(
+            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qh, stride_doh, stride_lh,
+            stride_ah, stride_dqh, stride_dah, stride_sh, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm, whole[0], whole[1], heads, seqlen_q,
+            seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
+        b_dk, b_dv, b_ddelta = _dkdv_tiles(
+            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qh, stride_doh, stride_lh,
+            stride_ah, stride_dqh, stride_dah, stride_sh, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm, edges[0], edges[1], heads, seqlen_q,
+            seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
 
     # keys past seqused_k (and padding rows) get zero gradients
     w_ok = (o_n < seqlen_k_all)[:, None]
@@ -378,15 +400,16 @@ def _dq_math(
 @triton.jit
 def _dq_tiles(
     b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-    stride_ks, stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2,
+    stride_ks, stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2,
     w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_SKIP: tl.constexpr,
     SKIP_N: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+    """Visit the key tiles of the ranges [los[r], his[r]) in one loop."""
+    for t in range(0, tile_count(los, his, 0, 0, BLOCK_N, False)):
+        start_n = tl.multiple_of(tile_start(t, los, his, 0, 0, BLOCK_N, False), BLOCK_N)
         # loads stay unconditional (pipelined); a skipped pair does no math
         o_n, b_kT, b_vT, b_delta = _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs,
                                             stride_ds, start_n, seqlen_k, HEAD_DIM,
@@ -484,16 +507,20 @@ def _attn_bwd_dq_kernel(
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-    # as in the forward: whole-visible tiles unmasked, edge tiles masked (r % 3 != 0)
-    los, his = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right,
-                            w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N,
-                            IS_LOCAL)
-    for r in tl.static_range(len(los)):
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, stride_ks, stride_vs, stride_ds, los[r], his[r], seqlen_k, dist_offset,
-            scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-            r % 3 != 0, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+    # as in the forward: whole-visible tiles unmasked, edge tiles masked, one loop each
+    whole, edges = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left,
+                                w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M,
+                                BLOCK_N, IS_LOCAL)
+    b_dq, b_dalpha = _dq_tiles(
+        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+        p_skip, stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset,
+        scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+        False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+    b_dq, b_dalpha = _dq_tiles(
+        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+        p_skip, stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset,
+        scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+        True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh
              + o_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))

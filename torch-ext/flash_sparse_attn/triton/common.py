@@ -138,3 +138,43 @@ def accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
     acc = acc * b_r[:, None]
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _segment(rem, pos, lo, hi):
+    """One segment [lo, hi) of a tile walk (hi < lo counts as empty)."""
+    size = tl.maximum(hi - lo, 0)
+    pos = tl.where((rem >= 0) & (rem < size), lo + rem, pos)
+    return rem - size, pos
+
+
+@triton.jit
+def tile_count(los, his, hole_lo, hole_hi, BLOCK: tl.constexpr, HOLE: tl.constexpr):
+    """Tiles in the union of the ranges [los[r], his[r]) (multiples of BLOCK, disjoint; hi < lo
+    is empty). With HOLE, tile 0 and the tiles [hole_lo, hole_hi) are left out."""
+    n = los[0] * 0
+    for r in tl.static_range(len(los)):
+        if HOLE:
+            lo = tl.maximum(los[r], BLOCK)
+            n += tl.maximum(tl.minimum(his[r], hole_lo) - lo, 0) // BLOCK
+            n += tl.maximum(his[r] - tl.maximum(lo, hole_hi), 0) // BLOCK
+        else:
+            n += tl.maximum(his[r] - los[r], 0) // BLOCK
+    return n
+
+
+@triton.jit
+def tile_start(t, los, his, hole_lo, hole_hi, BLOCK: tl.constexpr, HOLE: tl.constexpr):
+    """Start of tile t (0 <= t < tile_count) of that union, ranges taken in tuple order. One
+    loop over a union of ranges replaces one loop per range: the software pipeline is filled
+    once, not once per range, and the kernel holds one copy of the loop body per mask flavour."""
+    rem = t * BLOCK
+    pos = rem * 0
+    for r in tl.static_range(len(los)):
+        if HOLE:
+            lo = tl.maximum(los[r], BLOCK)
+            rem, pos = _segment(rem, pos, lo, tl.minimum(his[r], hole_lo))
+            rem, pos = _segment(rem, pos, tl.maximum(lo, hole_hi), his[r])
+        else:
+            rem, pos = _segment(rem, pos, los[r], his[r])
+    return pos

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LN2, accumulate_tile, gate, gate_2d, load_tile, visible, visible_count
+from .common import (LN2, accumulate_tile, gate, gate_2d, load_tile, tile_count, tile_start,
+                     visible, visible_count)
 
 
 @triton.jit
@@ -55,25 +56,27 @@ def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, se
 @triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-    stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-    w_near, b_thr, b_gthr,
+    stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+    w_near, b_thr, b_gthr, a_lo, a_hi,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
     GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
 ):
-    """Visit key tiles [lo, hi).
+    """Visit the key tiles of the ranges [los[r], his[r]) in one loop.
 
     PHASE 0: dense (no skipping). PHASE 1: anchor tiles of the skip rule: always kept; also
-    tracks `g_ref`, the row max of the gate over visible anchor keys. PHASE 2: tiles that are
-    not anchors (callers split ranges around them), with the tests of SPEC §5/§6:
+    tracks `g_ref`, the row max of the gate over visible anchor keys. PHASE 2: every other tile
+    (tile 0 and the anchors [a_lo, a_hi) are left out of the walk), with the tests of SPEC §5/§6:
     - gate test (before loading K): skip when for every row scale*(gmax - g_ref) < ln(tg),
       i.e. gmax * scale_log2 < b_gthr, where gmax bounds g over the tile from delta extremes;
     - softmax test (after Q.K^T): skip when for every row rowmax(s2) < b_thr
       (b_thr = m_ref + log2(t * l_ref / visible_len), base 2).
     Tile codes written to p_skip[tile] (phases 1, 2): 1 kept, 2 softmax skip, 3 gate skip;
     tiles never visited stay 0."""
-    for start_n in range(lo, hi, BLOCK_N):
+    n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
+    for t in range(0, n_tiles):
+        start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         o_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = o_n < seqlen_k
@@ -140,35 +143,6 @@ def _fwd_tiles(
 
 
 @triton.jit
-def _fwd_tiles_around(
-    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-    stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-    w_near, b_thr, b_gthr, a_lo, a_hi,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
-):
-    """_fwd_tiles over [lo, hi); in PHASE 2 over [lo, hi) minus tile 0 and the anchor tiles
-    [a_lo, a_hi), which the anchor phase already visited."""
-    if PHASE == 2:
-        lo = tl.maximum(lo, BLOCK_N)
-        acc, m_i, l_i, g_ref = _fwd_tiles(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-            stride_ks, stride_vs, stride_ds, lo, tl.minimum(hi, a_lo), seqlen_k, dist_offset,
-            scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
-            GATE_SKIP, PHASE)
-        lo = tl.maximum(lo, a_hi)
-    acc, m_i, l_i, g_ref = _fwd_tiles(
-        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
-        stride_vs, stride_ds, lo, hi, seqlen_k, dist_offset, scale_log2, w_sink, w_left,
-        w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL,
-        IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
-    return acc, m_i, l_i, g_ref
-
-
-@triton.jit
 def _local_full_tiles(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
                       lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
@@ -200,19 +174,20 @@ def _local_full_tiles(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, 
 def _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
                  lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, IS_LOCAL: tl.constexpr):
-    """The key-tile sub-ranges of `_key_ranges`, ordered, as tuples (los, his); sub-range r runs
-    unmasked iff r % 3 == 0. Not local: (fully visible | masked). Local: sink (whole | edge),
-    far band (edge | whole | edge), near band (edge | whole | edge)."""
+    """The key-tile ranges of `_key_ranges` split by mask flavour, as two tuple pairs: the
+    ranges every row sees whole (run unmasked) and the edge ranges (run masked), each in key
+    order. Not local: (fully visible) and (diagonal / sequence end). Local: the whole tiles of
+    the sink, far and near bands, and the edges of each."""
     if IS_LOCAL:
         s_full, f_lo, f_hi, n_lo, n_hi = _local_full_tiles(
             start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
             lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N)
-        los = (lo1, s_full, lo2, f_lo, f_hi, lo3, n_lo, n_hi)
-        his = (s_full, hi1, f_lo, f_hi, hi2, n_lo, n_hi, hi3)
+        whole = ((lo1, f_lo, n_lo), (s_full, f_hi, n_hi))
+        edges = ((s_full, lo2, f_hi, lo3, n_hi), (hi1, f_lo, hi2, n_lo, hi3))
     else:
-        los = (lo0, lo1)
-        his = (hi0, hi1)
-    return los, his
+        whole = ((lo0,), (hi0,))
+        edges = ((lo1,), (hi1,))
+    return whole, edges
 
 
 @triton.jit
@@ -363,14 +338,8 @@ def _attn_fwd_kernel(
         hi_a0 = tl.where(tile0 & (a_lo > 0), BLOCK_N, 0)
         acc, m_i, l_i, g_ref = _fwd_tiles(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-            stride_ks, stride_vs, stride_ds, 0, hi_a0, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, m_i, m_i,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
-        acc, m_i, l_i, g_ref = _fwd_tiles(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-            stride_ks, stride_vs, stride_ds, a_lo, a_hi, seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, m_i, m_i,
+            stride_ks, stride_vs, stride_ds, (0, a_lo), (hi_a0, a_hi), seqlen_k, dist_offset,
+            scale_log2, w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
             IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
         # thresholds per row; padding rows never block a skip, rows with no anchor key
@@ -406,17 +375,20 @@ def _attn_fwd_kernel(
         p_skip = SKIP
         PHASE: tl.constexpr = 0
     # tiles every row sees whole run without a mask, tiles crossing a mask boundary (diagonal,
-    # band edges, sequence end) with it: sub-range r is masked iff r % 3 != 0
-    los, his = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right,
-                            w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M, BLOCK_N,
-                            IS_LOCAL)
-    for r in tl.static_range(len(los)):
-        acc, m_i, l_i, g_ref = _fwd_tiles_around(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-            stride_ks, stride_vs, stride_ds, los[r], his[r], seqlen_k, dist_offset, scale_log2,
-            w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, r % 3 != 0, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
-            GATE_SKIP, PHASE)
+    # band edges, sequence end) with it: one loop for each
+    whole, edges = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left,
+                                w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M,
+                                BLOCK_N, IS_LOCAL)
+    acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset, scale_log2, w_sink,
+        w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+        False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+    acc, m_i, l_i, g_ref = _fwd_tiles(
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset, scale_log2, w_sink,
+        w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+        True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
