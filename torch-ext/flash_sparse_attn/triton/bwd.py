@@ -21,12 +21,15 @@ Caution
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, gate_2d, gate_grad_2d, load_tile, tile_count, tile_start, visible_2d
+from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, tile_count,
+                     tile_start, visible_2d)
 from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
 
 
@@ -160,6 +163,8 @@ def _dkdv_math(
 ):
     """One (query tile, key tile) pair of the dK/dV program (the only copy of its math)."""
     b_sT = tl.dot(b_k, b_qT)  # [N, M]
+    # dP^T is issued before the exponentials so its MMA can overlap them
+    b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
     if HAS_GATE:
         b_x = b_delta[:, None] * b_alpha[None, :]
         b_sT += gate_2d(b_x, IS_LOGSIGMOID)
@@ -169,7 +174,6 @@ def _dkdv_math(
                            IS_LOCAL, w_sink, w_left, w_right, w_near)
         b_pT = tl.where(m_vis, b_pT, 0.0)
     b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
-    b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
     b_dsT = b_pT * (b_dpT - b_di[None, :])
     b_dk = tl.dot(b_dsT.to(b_qT.dtype), tl.trans(b_qT), b_dk)
     if HAS_GATE:
@@ -188,47 +192,72 @@ def _dkdv_math(
 
 
 @triton.jit
+def _dkdv_tile(
+    b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di,
+    p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
+    stride_das, stride_sm, seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left,
+    w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
+):
+    """One query tile of the dK/dV program; with HAS_SKIP, a pair the forward skipped (code >= 2
+    in p_skip, indexed by query block) does no math."""
+    # loads stay unconditional (pipelined); a skipped pair does no math
+    o_m, m_ok, rows, b_qT, b_do, b_lse2, b_di, b_alpha = _dkdv_load(
+        p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, stride_ls,
+        stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
+    if HAS_SKIP:
+        code = tl.load(p_skip + (start_m // SKIP_M) * stride_sm)
+        if code < 2:
+            b_dk, b_dv, b_ddelta = _dkdv_math(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT,
+                b_do, b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das,
+                seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
+                HEAD_DIM, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+    else:
+        b_dk, b_dv, b_ddelta = _dkdv_math(
+            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do,
+            b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k,
+            dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+            MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+    return b_dk, b_dv, b_ddelta
+
+
+@triton.jit
 def _dkdv_tiles(
     b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
-    p_dq0, p_dalpha0, p_skip, stride_qh, stride_doh, stride_lh, stride_ah, stride_dqh,
-    stride_dah, stride_sh, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
-    stride_das, stride_sm, los, his, n_heads, seqlen_q, seqlen_k,
+    p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
+    stride_das, stride_sm, los, his, seqlen_q, seqlen_k,
     dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
 ):
-    """Visit the query tiles of the ranges [los[r], his[r]) for one key tile, for `n_heads`
-    consecutive query heads (pointers given for the first), in one loop: the pipeline is
-    filled once for the whole group, not once per head and range. With HAS_SKIP, pairs the
-    forward skipped (code >= 2 in p_skip, indexed by query block) do no math."""
-    n_per = tile_count(los, his, 0, 0, BLOCK_M, False)
-    for t in range(0, n_per * n_heads):
-        g = t // n_per
-        start_m = tl.multiple_of(tile_start(t - g * n_per, los, his, 0, 0, BLOCK_M, False),
-                                 BLOCK_M)
-        # loads stay unconditional (pipelined); a skipped pair does no math
-        o_m, m_ok, rows, b_qT, b_do, b_lse2, b_di, b_alpha = _dkdv_load(
-            p_q0 + g * stride_qh, p_do0 + g * stride_doh, p_lse2 + g * stride_lh,
-            p_di + g * stride_lh, p_alpha0 + g * stride_ah, o_d, stride_qs, stride_dos,
-            stride_ls, stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
-        p_dqh = p_dq0 + g * stride_dqh
-        p_dah = p_dalpha0 + g * stride_dah
-        if HAS_SKIP:
-            code = tl.load(p_skip + g * stride_sh + (start_m // SKIP_M) * stride_sm)
-            if code < 2:
-                b_dk, b_dv, b_ddelta = _dkdv_math(
-                    b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT,
-                    b_do, b_lse2, b_di, b_alpha, p_dqh, p_dah, stride_dqs, stride_das,
-                    seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-                    HEAD_DIM, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
-        else:
-            b_dk, b_dv, b_ddelta = _dkdv_math(
-                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do,
-                b_lse2, b_di, b_alpha, p_dqh, p_dah, stride_dqs, stride_das, seqlen_k,
+    """Visit the query tiles of the ranges [los[r], his[r]) for one key tile and query head: a
+    plain loop for one range, else one walk over their union."""
+    if len(los) == 1:
+        for start_m in range(los[0], his[0], BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            b_dk, b_dv, b_ddelta = _dkdv_tile(
+                b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0,
+                p_lse2, p_di, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos,
+                stride_ls, stride_as, stride_dqs, stride_das, stride_sm, seqlen_q, seqlen_k,
                 dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+                HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+                ATOMIC_DQ, HAS_SKIP, SKIP_M)
+    else:
+        for t in range(0, tile_count(los, his, 0, 0, BLOCK_M, False)):
+            start_m = tl.multiple_of(tile_start(t, los, his, 0, 0, BLOCK_M, False), BLOCK_M)
+            b_dk, b_dv, b_ddelta = _dkdv_tile(
+                b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0,
+                p_lse2, p_di, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos,
+                stride_ls, stride_as, stride_dqs, stride_das, stride_sm, seqlen_q, seqlen_k,
+                dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+                ATOMIC_DQ, HAS_SKIP, SKIP_M)
     return b_dk, b_dv, b_ddelta
 
 
@@ -243,7 +272,7 @@ def _attn_bwd_dkdv_kernel(
     stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
     stride_dab, stride_dah, stride_das, stride_ddb, stride_ddh, stride_dds, stride_wh,
     stride_sb, stride_sh, stride_sm,
-    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, HKV, GROUP,
+    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, HKV, GROUP, heads_first,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -251,8 +280,8 @@ def _attn_bwd_dkdv_kernel(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # heavy (early, causal) key tiles first
+    pid_n, pid_bh = program_tile(tl.cdiv(seqlen_k_fixed, BLOCK_N), heads_first)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     if IS_VARLEN:
@@ -293,12 +322,8 @@ def _attn_bwd_dkdv_kernel(
     else:
         b_delta = b_ddelta
 
-    # query heads of this KV head walked together when they share one window (always
-    # outside local attention); per-query-head windows give per-head ranges
-    n_walks = GROUP if WINDOW_PER_QHEAD else 1
-    for w in range(n_walks):
-        h = hk * GROUP + w
-        heads = 1 if WINDOW_PER_QHEAD else GROUP
+    for g in range(GROUP):
+        h = hk * GROUP + g
         if IS_LOCAL:
             p_w = WINDOWS + (h if WINDOW_PER_QHEAD else hk) * stride_wh
             w_sink = tl.load(p_w + 0)
@@ -323,19 +348,17 @@ def _attn_bwd_dkdv_kernel(
             BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
         b_dk, b_dv, b_ddelta = _dkdv_tiles(
             b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qh, stride_doh, stride_lh,
-            stride_ah, stride_dqh, stride_dah, stride_sh, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm, whole[0], whole[1], heads, seqlen_q,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm, edges[0], edges[1], seqlen_q,
             seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
             IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
         b_dk, b_dv, b_ddelta = _dkdv_tiles(
             b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qh, stride_doh, stride_lh,
-            stride_ah, stride_dqh, stride_dah, stride_sh, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm, edges[0], edges[1], heads, seqlen_q,
+            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
+            stride_as, stride_dqs, stride_das, stride_sm, whole[0], whole[1], seqlen_q,
             seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL, HAS_GATE,
             IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
 
     # keys past seqused_k (and padding rows) get zero gradients
@@ -381,6 +404,7 @@ def _dq_math(
 ):
     """One (query tile, key tile) pair of the dQ kernel."""
     b_s = tl.dot(b_q, b_kT)  # [M, N]
+    b_dp = tl.dot(b_do, b_vT)  # issued before the exponentials: its MMA overlaps them
     if HAS_GATE:
         b_x = b_alpha[:, None] * b_delta[None, :]
         b_s += gate_2d(b_x, IS_LOGSIGMOID)
@@ -389,11 +413,40 @@ def _dq_math(
         m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
                            IS_LOCAL, w_sink, w_left, w_right, w_near)
         b_p = tl.where(m_vis, b_p, 0.0)
-    b_dp = tl.dot(b_do, b_vT)
     b_ds = b_p * (b_dp - b_di[:, None])
     b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
     if HAS_GATE:
         b_dalpha += tl.sum(b_ds * gate_grad_2d(b_x, IS_LOGSIGMOID) * b_delta[None, :], 1)
+    return b_dq, b_dalpha
+
+
+@triton.jit
+def _dq_tile(
+    b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+    p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
+    w_sink, w_left, w_right, w_near,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SKIP_N: tl.constexpr,
+):
+    """One key tile of the dQ kernel."""
+    # loads stay unconditional (pipelined); a skipped pair does no math
+    o_n, b_kT, b_vT, b_delta = _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs,
+                                        stride_ds, start_n, seqlen_k, HEAD_DIM,
+                                        HEAD_DIM_PAD, BLOCK_N, MASKED, HAS_GATE)
+    if HAS_SKIP:
+        code = tl.load(p_skip + start_n // SKIP_N)
+        if code < 2:
+            b_dq, b_dalpha = _dq_math(
+                b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT,
+                b_delta, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+                w_near, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    else:
+        b_dq, b_dalpha = _dq_math(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta,
+            seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, MASKED,
+            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
     return b_dq, b_dalpha
 
 
@@ -407,25 +460,24 @@ def _dq_tiles(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_SKIP: tl.constexpr,
     SKIP_N: tl.constexpr,
 ):
-    """Visit the key tiles of the ranges [los[r], his[r]) in one loop."""
-    for t in range(0, tile_count(los, his, 0, 0, BLOCK_N, False)):
-        start_n = tl.multiple_of(tile_start(t, los, his, 0, 0, BLOCK_N, False), BLOCK_N)
-        # loads stay unconditional (pipelined); a skipped pair does no math
-        o_n, b_kT, b_vT, b_delta = _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs,
-                                            stride_ds, start_n, seqlen_k, HEAD_DIM,
-                                            HEAD_DIM_PAD, BLOCK_N, MASKED, HAS_GATE)
-        if HAS_SKIP:
-            code = tl.load(p_skip + start_n // SKIP_N)
-            if code < 2:
-                b_dq, b_dalpha = _dq_math(
-                    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT,
-                    b_delta, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-                    w_near, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
-        else:
-            b_dq, b_dalpha = _dq_math(
-                b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta,
-                seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, MASKED,
-                IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    """Visit the key tiles of the ranges [los[r], his[r]): a plain loop for one range, else
+    one walk over their union."""
+    if len(los) == 1:
+        for start_n in range(los[0], his[0], BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            b_dq, b_dalpha = _dq_tile(
+                b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
+                p_v0, p_delta0, p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset,
+                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+    else:
+        for t in range(0, tile_count(los, his, 0, 0, BLOCK_N, False)):
+            start_n = tl.multiple_of(tile_start(t, los, his, 0, 0, BLOCK_N, False), BLOCK_N)
+            b_dq, b_dalpha = _dq_tile(
+                b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
+                p_v0, p_delta0, p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset,
+                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
     return b_dq, b_dalpha
 
 
@@ -437,7 +489,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
     stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
     stride_dab, stride_dah, stride_das, stride_wh, stride_sb, stride_sh, stride_sm,
-    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, H, GROUP,
+    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, H, GROUP, heads_first,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -446,8 +498,10 @@ def _attn_bwd_dq_kernel(
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     """Deterministic dQ (and dalpha) for one query tile, no atomics."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # heavy (late, causal) query tiles first
+    n_m = tl.cdiv(seqlen_q_fixed, BLOCK_M)
+    tile, pid_bh = program_tile(n_m, heads_first)
+    pid_m = n_m - 1 - tile
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -529,6 +583,27 @@ def _attn_bwd_dq_kernel(
                  (b_dalpha * scale).to(DALPHA.dtype.element_ty), mask=m_ok)
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(q):
+    """The high-priority stream of q's CUDA device (None off CUDA), made to wait for the
+    caller's stream: work queued on it sees everything queued before."""
+    if q.device.type != "cuda":
+        return None
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        low, high = torch.cuda.Stream.priority_range()
+        side = _SIDE_STREAMS[index] = torch.cuda.Stream(q.device, priority=high)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    return side
+
+
+def _on_stream(side):
+    return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+
 def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q, cu_seqlens_k,
                     seqused_k, window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale,
                     is_causal, softmax_threshold, gate_threshold, is_logsigmoid_gate,
@@ -591,22 +666,29 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     stride_s = skip.stride()[:3] if has_skip else (0, 0, 0)
     flags.update(HAS_SKIP=has_skip, SKIP_M=configs.SKIP_BLOCK_M, SKIP_N=configs.SKIP_BLOCK_N)
     scale_log2 = softmax_scale * 1.4426950408889634
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * num_kv_heads)](
-        q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
-        dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"], tensors["SEQUSED_K"],
-        tensors["WINDOWS"], tensors["SKIP"],
-        *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
-        *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
-        *_strides3(dv, is_varlen), *stride_l, *_gate_strides(alpha, is_varlen),
-        *_gate_strides(delta, is_varlen), *_gate_strides(dalpha if has_gate else None, is_varlen),
-        *_gate_strides(ddelta if has_gate else None, is_varlen),
-        window_sizes.stride(0) if is_local else 0, *stride_s,
-        seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads, num_heads // num_kv_heads,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
+    heads_first = int(configs.heads_first("bwd", is_local))
+    # dK/dV on a high-priority side stream, the dQ pass on the caller's stream: the two are
+    # independent, and dQ programs fill the SMs that the tail of the dK/dV grid leaves idle
+    side = _side_stream(q) if not atomic_dq else None
+    with _on_stream(side):
+        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n) * batch * num_kv_heads,)](
+            q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
+            dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"],
+            tensors["CU_K"], tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
+            *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
+            *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
+            *_strides3(dv, is_varlen), *stride_l, *_gate_strides(alpha, is_varlen),
+            *_gate_strides(delta, is_varlen),
+            *_gate_strides(dalpha if has_gate else None, is_varlen),
+            *_gate_strides(ddelta if has_gate else None, is_varlen),
+            window_sizes.stride(0) if is_local else 0, *stride_s,
+            seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads,
+            num_heads // num_kv_heads, heads_first,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        )
     if not atomic_dq:
-        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m_dq), batch * num_heads)](
+        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m_dq) * batch * num_heads,)](
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],
             tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
@@ -616,10 +698,12 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
             *_gate_strides(dalpha if has_gate else None, is_varlen),
             window_sizes.stride(0) if is_local else 0, *stride_s,
             seqlen_q, seqlen_k, softmax_scale, scale_log2, num_heads,
-            num_heads // num_kv_heads,
+            num_heads // num_kv_heads, heads_first,
             BLOCK_M=cfg.block_m_dq, BLOCK_N=cfg.block_n_dq,
             num_warps=cfg.num_warps_dq, num_stages=cfg.num_stages_dq, **flags,
         )
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     if atomic_dq:
         dq = dq.to(q.dtype)
         if has_gate:

@@ -20,6 +20,23 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit
+def program_tile(n_tiles, heads_first):
+    """(tile, batch-head) of this program in a 1-D grid of n_tiles * (batch x heads) programs:
+    tiles fastest when heads_first == 0 (the tiles of one head run together and share its K/V
+    or Q/dO in L2), batch-heads fastest otherwise (tile t of every head runs before tile t + 1
+    of any head). Chosen per launch by `configs.heads_first`."""
+    pid = tl.program_id(0)
+    n_bh = tl.num_programs(0) // n_tiles
+    if heads_first != 0:
+        tile = pid // n_bh
+        bh = pid % n_bh
+    else:
+        tile = pid % n_tiles
+        bh = pid // n_tiles
+    return tile, bh
+
+
+@triton.jit
 def visible_2d(i2, j2, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
                w_sink, w_left, w_right, w_near):
     """Visibility (SPEC §3) for broadcastable query positions i2 and key positions j2

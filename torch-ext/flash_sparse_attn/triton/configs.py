@@ -141,6 +141,16 @@ def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
     return BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
 
 
+def heads_first(kernel: str, is_local: bool) -> bool:
+    """Program order of the attention grids (common.program_tile): the tiles of one head
+    together (they share that head's K/V or Q/dO in L2), or tile t of every head before tile
+    t + 1 of any head. Measured on the H200 (bf16, H=32, Hkv=8, D=128): causal 16k backward
+    14.11 ms tiles-together vs 14.53 ms heads-first, forward within 1%; default-band local
+    windows at 64k backward 47.8 ms vs 41.2 ms heads-first (the sink's key tile, which every
+    query sees, and the long far bands of all heads start first), forward 12.6 vs 12.8 ms."""
+    return kernel == "bwd" and bool(is_local)
+
+
 # Decode (split-KV, packed GQA)
 DECODE_CTAS_PER_SM = 2
 DECODE_MIN_TILES_PER_SPLIT = 2

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LN2, accumulate_tile, gate, gate_2d, load_tile, tile_count, tile_start,
-                     visible, visible_count)
+from .common import (LN2, accumulate_tile, gate, gate_2d, load_tile, program_tile, tile_count,
+                     tile_start, visible, visible_count)
 
 
 @triton.jit
@@ -54,6 +54,81 @@ def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, se
 
 
 @triton.jit
+def _fwd_tile(
+    acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+    stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
+    w_near, b_thr, b_gthr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
+):
+    """One key tile [start_n, start_n + BLOCK_N) (see _fwd_tiles)."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = o_n < seqlen_k
+    if HAS_GATE:
+        if MASKED:
+            b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0)
+        else:
+            b_delta = tl.load(p_delta0 + o_n * stride_ds)
+        b_delta = b_delta.to(tl.float32)
+    else:
+        b_delta = b_alpha
+    if PHASE == 2:
+        code = start_n * 0 + 1
+        if GATE_SKIP:
+            # g is monotone in x = alpha * delta: its max over the tile needs only the
+            # extremes of delta over the keys that exist; a gate skip loads no K
+            d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
+            d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
+            x_max = tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min)
+            g_max = gate_2d(x_max, IS_LOGSIGMOID)
+            if tl.max((g_max * scale_log2 >= b_gthr).to(tl.int32), 0) == 0:
+                code = start_n * 0 + 3
+            if code == 1:
+                b_s, b_g = _tile_scores(
+                    b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+                    dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                    HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+                if HAS_THRESHOLD:
+                    b_mx = tl.max(b_s, 1)
+                    if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32),
+                              0) == 0:
+                        code = start_n * 0 + 2
+                if code == 1:
+                    acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d,
+                                                     p_v0, stride_vs, HEAD_DIM,
+                                                     HEAD_DIM_PAD, MASKED)
+        else:
+            # softmax test only: K is always needed, so its load stays unconditional
+            # (and pipelined); a skip saves the exp, the V load and P @ V
+            b_s, b_g = _tile_scores(
+                b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+                dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+                HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            b_mx = tl.max(b_s, 1)
+            if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
+                code = start_n * 0 + 2
+            if code == 1:
+                acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                                                 stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
+    else:
+        b_s, b_g = _tile_scores(
+            b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+            HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+        if GATE_SKIP and PHASE == 1:
+            g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
+                                                      float("-inf")), 1))
+        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                                         stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        if PHASE == 1:
+            tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
+    return acc, m_i, l_i, g_ref
+
+
+@triton.jit
 def _fwd_tiles(
     acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
     stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
@@ -63,7 +138,8 @@ def _fwd_tiles(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
     GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
 ):
-    """Visit the key tiles of the ranges [los[r], his[r]) in one loop.
+    """Visit the key tiles of the ranges [los[r], his[r]): a plain loop for one range, else
+    one walk over their union (`tile_start`), so each mask flavour has one pipelined loop.
 
     PHASE 0: dense (no skipping). PHASE 1: anchor tiles of the skip rule: always kept; also
     tracks `g_ref`, the row max of the gate over visible anchor keys. PHASE 2: every other tile
@@ -74,71 +150,26 @@ def _fwd_tiles(
       (b_thr = m_ref + log2(t * l_ref / visible_len), base 2).
     Tile codes written to p_skip[tile] (phases 1, 2): 1 kept, 2 softmax skip, 3 gate skip;
     tiles never visited stay 0."""
-    n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
-    for t in range(0, n_tiles):
-        start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = o_n < seqlen_k
-        if HAS_GATE:
-            if MASKED:
-                b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0)
-            else:
-                b_delta = tl.load(p_delta0 + o_n * stride_ds)
-            b_delta = b_delta.to(tl.float32)
-        else:
-            b_delta = b_alpha
-        if PHASE == 2:
-            code = start_n * 0 + 1
-            if GATE_SKIP:
-                # g is monotone in x = alpha * delta: its max over the tile needs only the
-                # extremes of delta over the keys that exist; a gate skip loads no K
-                d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
-                d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
-                x_max = tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min)
-                g_max = gate_2d(x_max, IS_LOGSIGMOID)
-                if tl.max((g_max * scale_log2 >= b_gthr).to(tl.int32), 0) == 0:
-                    code = start_n * 0 + 3
-                if code == 1:
-                    b_s, b_g = _tile_scores(
-                        b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-                        dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                        HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
-                    if HAS_THRESHOLD:
-                        b_mx = tl.max(b_s, 1)
-                        if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32),
-                                  0) == 0:
-                            code = start_n * 0 + 2
-                    if code == 1:
-                        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d,
-                                                         p_v0, stride_vs, HEAD_DIM,
-                                                         HEAD_DIM_PAD, MASKED)
-            else:
-                # softmax test only: K is always needed, so its load stays unconditional
-                # (and pipelined); a skip saves the exp, the V load and P @ V
-                b_s, b_g = _tile_scores(
-                    b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-                    dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                    HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
-                b_mx = tl.max(b_s, 1)
-                if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
-                    code = start_n * 0 + 2
-                if code == 1:
-                    acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                                     stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-            tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
-        else:
-            b_s, b_g = _tile_scores(
-                b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-                dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
-            if GATE_SKIP and PHASE == 1:
-                g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
-                                                          float("-inf")), 1))
-            acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                             stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-            if PHASE == 1:
-                tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
+    if len(los) == 1 and PHASE != 2:
+        for start_n in range(los[0], his[0], BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, m_i, l_i, g_ref = _fwd_tile(
+                acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+                p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
+                w_sink, w_left, w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP,
+                PHASE)
+    else:
+        n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
+        for t in range(0, n_tiles):
+            start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, m_i, l_i, g_ref = _fwd_tile(
+                acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+                p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
+                w_sink, w_left, w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP,
+                PHASE)
     return acc, m_i, l_i, g_ref
 
 
@@ -244,6 +275,7 @@ def _attn_fwd_kernel(
     stride_db, stride_dh, stride_ds,
     stride_wh, stride_sb, stride_sh, stride_sm,
     seqlen_q_fixed, seqlen_k_fixed, scale_log2, H, GROUP, softmax_threshold, gate_threshold,
+    heads_first,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -252,8 +284,9 @@ def _attn_fwd_kernel(
     HAS_THRESHOLD: tl.constexpr, GATE_SKIP: tl.constexpr, IS_ADAPT_GATE: tl.constexpr,
 ):
     # heavy (late, causal) query tiles first
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_m = tl.cdiv(seqlen_q_fixed, BLOCK_M)
+    tile, pid_bh = program_tile(n_m, heads_first)
+    pid_m = n_m - 1 - tile
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -459,7 +492,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         stride_l = (0, lse.stride(0), lse.stride(1))
     else:
         stride_l = (lse.stride(0), lse.stride(1), lse.stride(2))
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * num_heads)
+    grid = (triton.cdiv(seqlen_q, cfg.block_m) * batch * num_heads,)
     dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -474,6 +507,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         *(skip.stride()[:3] if skip.dim() == 4 else (0, 0, 0)),
         seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
         num_heads // num_kv_heads, float(softmax_threshold), float(gate_threshold),
+        int(configs.heads_first("fwd", is_local)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
         WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
