@@ -12,6 +12,8 @@ import importlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_utils import assert_close_rule, kernel_device_dtype, torch_lowp_attention, visible_mask
 
@@ -165,3 +167,29 @@ def test_reference_gradcheck_with_skips(fsa):
                                    skip=skip)[0]
 
     assert torch.autograd.gradcheck(fn, (q, k, v, alpha, delta), eps=1e-6, atol=1e-6)
+
+
+_GATE_2D = None  # the kernels' gate function, set by the test below
+
+
+@triton.jit
+def _gate_kernel(X, Y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(Y + o, _GATE_2D(tl.load(X + o), True))
+
+
+def test_logsigmoid_gate_matches_float64(fsa):
+    """The kernels' logsigmoid (one exp2 and a polynomial log1p) against float64 over the range
+    of x = alpha * delta that matters: never more than 3e-7 (about 2 fp32 ulps of log 2) above
+    the error of PyTorch's own fp32 logsigmoid at the same point."""
+    global _GATE_2D
+    _GATE_2D = importlib.import_module(f"{fsa.__name__}.triton.common").gate_2d
+    device, _ = kernel_device_dtype()
+    x = torch.linspace(-40.0, 40.0, 4096, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    _gate_kernel[(1,)](x, y, N=x.numel())
+    want = torch.nn.functional.logsigmoid(x.double())
+    err = (y.double() - want).abs()
+    torch_err = (torch.nn.functional.logsigmoid(x).double() - want).abs()
+    worst = int((err - torch_err).argmax())
+    assert float(err[worst] - torch_err[worst]) <= 3e-7, (float(x[worst]), float(err[worst]))
