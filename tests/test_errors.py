@@ -468,13 +468,20 @@ BAD_VALUES = {  # kind -> (a bad value, its message), each read from tensor cont
 }
 
 
-@pytest.mark.parametrize("kind", ["varlen", "decode", "paged", "packed"])
-def test_skip_checks_skips_value_checks_only(fsa, validate, kind):
+def _refused_bad_value(validate, kind):
+    """Inputs of `kind` holding the bad tensor contents of BAD_VALUES, checked to be refused
+    when value checks run."""
     bad, message = BAD_VALUES[kind]
     kw = inputs(kind, "dense")
     kw.update(bad)
     with pytest.raises(ValueError, match=message):
         call_validate(validate, kind, "dense", kw)
+    return kw
+
+
+@pytest.mark.parametrize("kind", ["varlen", "decode", "paged", "packed"])
+def test_skip_checks_skips_value_checks_only(fsa, validate, kind):
+    kw = _refused_bad_value(validate, kind)
     assert call_validate(validate, kind, "dense", kw, skip_checks=True) is None
     # shape and dtype checks still run, through the public function too
     kw["key"] = kw["key"][..., :8]
@@ -489,11 +496,7 @@ def test_skip_checks_skips_value_checks_only(fsa, validate, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiling_skips_value_checks(validate, kind, monkeypatch):
     """Under torch.compile the value checks would force a host sync / graph break: skipped."""
-    bad, message = BAD_VALUES[kind]
-    kw = inputs(kind, "dense")
-    kw.update(bad)
-    with pytest.raises(ValueError, match=message):
-        call_validate(validate, kind, "dense", kw)
+    kw = _refused_bad_value(validate, kind)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert call_validate(validate, kind, "dense", kw) is None
     kw["query"] = kw["query"][..., :12]
@@ -501,11 +504,18 @@ def test_compiling_skips_value_checks(validate, kind, monkeypatch):
         call_validate(validate, kind, "dense", kw)
 
 
-def test_value_checks_sync_once(validate, monkeypatch):
-    """All value checks of a call are reduced to one host read (Tensor.tolist)."""
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A list that grows by one at every Tensor.tolist (the value checks' one host read)."""
     calls = []
     orig = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or orig(t))
+    return calls
+
+
+def test_value_checks_sync_once(validate, host_reads):
+    """All value checks of a call are reduced to one host read (Tensor.tolist)."""
+    calls = host_reads
     for kind in KINDS:
         calls.clear()
         call_validate(validate, kind, "gated", inputs(kind, "gated"))
@@ -513,12 +523,11 @@ def test_value_checks_sync_once(validate, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["varlen", "decode", "paged", "packed"])
-def test_value_checks_remembered_until_tensor_changes(validate, monkeypatch, kind):
+def test_value_checks_remembered_until_tensor_changes(validate, host_reads, kind):
     """A passed value check is not repeated for the same tensor objects at the same version
-    (no host sync per layer); an in-place write, another object or other scalars re-check."""
-    calls = []
-    orig = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or orig(t))
+    (no host sync per layer); an in-place write or another object re-checks, and a failed
+    check is never remembered."""
+    calls = host_reads
     kw = inputs(kind, "dense")
     for _ in range(3):
         call_validate(validate, kind, "dense", kw)

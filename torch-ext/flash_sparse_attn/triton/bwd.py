@@ -9,6 +9,8 @@ Notation
 - dQ: by default its own kernel (7 matmuls per tile pair in all, no atomics, bitwise
   reproducible); a launch table may instead ask for fp32 atomics from the dK/dV program
   (5 matmuls), which `deterministic=True` always overrides.
+  The dK/dV grid runs on a high-priority side stream while the dQ pass runs on the caller's
+  stream (they share inputs only), so dQ programs fill the SMs the dK/dV tail leaves idle.
 - Gated: score = scale * (q.k + g(x)), x = alpha_i * delta_j; dL/dx = scale * dS * g'(x);
   dalpha is a row sum (dQ side), ddelta a column sum over rows and query heads (dK/dV side).
 
