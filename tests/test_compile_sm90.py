@@ -17,24 +17,25 @@ from pathlib import Path
 import pytest
 
 
-I32_PTRS = {"CU_Q", "CU_K", "SEQUSED_K", "WINDOWS", "PAGE_TABLE", "GATHER"}
+I32_PTRS = {"CU_Q", "CU_K", "SEQUSED_K", "WINDOWS", "PAGE_TABLE", "GATHER", "COUNT"}
 F32_PTRS = {"LSE", "LSE2", "DI", "DQ", "DALPHA", "O_PART", "LSE_PART"}
 FLOATS = {"scale", "scale_log2", "softmax_threshold", "gate_threshold"}
 INT_SCALARS = {"H", "HKV", "GROUP"}  # upper-case names that are not pointers
 
 
-def _compile(fn, consts, num_warps=8, num_stages=2):
+def _compile(fn, consts, num_warps=8, num_stages=2, ptrs=None):
     """Compile a @triton.jit kernel: upper-case arguments are pointers (bf16 unless listed
     above), known float scalars fp32, other scalars int32 divisible by 16 like Triton's own
-    specialisation of strides."""
+    specialisation of strides. `ptrs` overrides pointer types by name."""
     names = fn.arg_names
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in consts:
             sig[n] = "constexpr"
         elif n not in INT_SCALARS and n.upper() == n:
-            sig[n] = ("*i32" if n in I32_PTRS else "*fp32" if n in F32_PTRS
-                      else "*u8" if n == "SKIP" else "*bf16")
+            sig[n] = (ptrs or {}).get(n) or (
+                "*i32" if n in I32_PTRS else "*fp32" if n in F32_PTRS
+                else "*u8" if n == "SKIP" else "*i16" if n == "LIST" else "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif n in FLOATS:
             sig[n] = "fp32"
@@ -75,9 +76,10 @@ def compile_all(pkg):
                       GATE_SKIP=False, IS_ADAPT_GATE=False)
         consts.update(flags)
         consts["HEAD_DIM_PAD"] = max(16, 1 << (consts["HEAD_DIM"] - 1).bit_length())
-        k = _compile(fwd._attn_fwd_kernel, consts, num_stages=3)
+        k = _compile(fwd._attn_fwd_kernel, consts, num_stages=3, ptrs={"LIST": "*i32"})
         lines.append(f"fwd {sorted(flags)} wgmma={'wgmma.mma_async' in k.asm['ptx']}")
-    for flags in (dict(), dict(HAS_SKIP=True, HAS_GATE=True), dict(IS_LOCAL=True, IS_VARLEN=True),
+    for flags in (dict(), dict(HAS_SKIP=True, HAS_GATE=True), dict(HAS_SKIP=True, BLOCK_N=128),
+                  dict(IS_LOCAL=True, IS_VARLEN=True),
                   dict(IS_LOCAL=True, WINDOW_PER_QHEAD=True)):
         base = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64, BLOCK_N=64, IS_CAUSAL=True,
                     IS_LOCAL=False, WINDOW_PER_QHEAD=False, IS_VARLEN=False,
@@ -139,6 +141,6 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     lines = proc.stdout.strip().splitlines()
     if triton_path == "compat":
         assert lines[0] == "triton 3.6.0", lines[0]
-    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 14, lines
+    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 16, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 3 and "combine ok" in lines, lines

@@ -157,13 +157,15 @@ def _dkdv_load(p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, 
 @triton.jit
 def _dkdv_math(
     b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do, b_lse2,
-    b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k, dist_offset, scale,
-    scale_log2, w_sink, w_left, w_right, w_near,
+    b_di, b_alpha, b_keep, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k, dist_offset,
+    scale, scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     IS_LOCAL: tl.constexpr, HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, COL_SKIP: tl.constexpr,
 ):
-    """One (query tile, key tile) pair of the dK/dV program (the only copy of its math)."""
+    """One (query tile, key tile) pair of the dK/dV program (the only copy of its math).
+    COL_SKIP: the key tile spans several skip blocks; keys of the blocks the forward skipped
+    (b_keep [N] False) get P = 0, so they add nothing, exactly as in the forward."""
     b_sT = tl.dot(b_k, b_qT)  # [N, M]
     # dP^T is issued before the exponentials so its MMA can overlap them
     b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
@@ -174,6 +176,8 @@ def _dkdv_math(
     if MASKED:
         m_vis = visible_2d(o_m[None, :], o_n[:, None], dist_offset, seqlen_k, IS_CAUSAL,
                            IS_LOCAL, w_sink, w_left, w_right, w_near)
+        if COL_SKIP:
+            m_vis = m_vis & b_keep[:, None]
         b_pT = tl.where(m_vis, b_pT, 0.0)
     b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
     b_dsT = b_pT * (b_dpT - b_di[None, :])
@@ -202,45 +206,41 @@ def _dkdv_tile(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
+    COL_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
-    """One query tile of the dK/dV program; with HAS_SKIP, a pair the forward skipped (code >= 2
-    in p_skip, indexed by query block) does no math."""
-    # loads stay unconditional (pipelined); a skipped pair does no math
+    """One query tile of the dK/dV program. COL_SKIP: the forward's codes of this query
+    block (row start_m // SKIP_M of p_skip) decide which keys of the tile count."""
     o_m, m_ok, rows, b_qT, b_do, b_lse2, b_di, b_alpha = _dkdv_load(
         p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, stride_ls,
         stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
-    if HAS_SKIP:
-        code = tl.load(p_skip + (start_m // SKIP_M) * stride_sm)
-        if code < 2:
-            b_dk, b_dv, b_ddelta = _dkdv_math(
-                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT,
-                b_do, b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das,
-                seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-                HEAD_DIM, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+    if COL_SKIP:
+        b_keep = tl.load(p_skip + (start_m // SKIP_M) * stride_sm + o_n // SKIP_N,
+                         mask=o_n < seqlen_k, other=0) == 1
     else:
-        b_dk, b_dv, b_ddelta = _dkdv_math(
-            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do,
-            b_lse2, b_di, b_alpha, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k,
-            dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ)
+        b_keep = m_ok
+    b_dk, b_dv, b_ddelta = _dkdv_math(
+        b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, o_m, m_ok, rows, b_qT, b_do,
+        b_lse2, b_di, b_alpha, b_keep, p_dq0, p_dalpha0, stride_dqs, stride_das, seqlen_k,
+        dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+        MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, COL_SKIP)
     return b_dk, b_dv, b_ddelta
 
 
 @triton.jit
 def _dkdv_tiles(
     b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di, p_alpha0,
-    p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
-    stride_das, stride_sm, los, his, seqlen_q, seqlen_k,
+    p_dq0, p_dalpha0, p_skip, p_list, n_listed, stride_qs, stride_dos, stride_ls, stride_as,
+    stride_dqs, stride_das, stride_sm, los, his, seqlen_q, seqlen_k,
     dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr,
+    LISTED: tl.constexpr, COL_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     """Visit the query tiles of the ranges [los[r], his[r]) for one key tile and query head: a
-    plain loop for one range, else one walk over their union."""
-    if len(los) == 1:
+    plain loop for one range, else one walk over their union. LISTED: visit instead the
+    n_listed query tiles whose indices p_list holds (the tiles the forward kept)."""
+    if len(los) == 1 and not LISTED:
         for start_m in range(los[0], his[0], BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             b_dk, b_dv, b_ddelta = _dkdv_tile(
@@ -249,24 +249,29 @@ def _dkdv_tiles(
                 stride_ls, stride_as, stride_dqs, stride_das, stride_sm, seqlen_q, seqlen_k,
                 dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
                 HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-                ATOMIC_DQ, HAS_SKIP, SKIP_M)
+                ATOMIC_DQ, COL_SKIP, SKIP_M, SKIP_N)
     else:
-        for t in range(0, tile_count(los, his, 0, 0, BLOCK_M, False)):
-            start_m = tl.multiple_of(tile_start(t, los, his, 0, 0, BLOCK_M, False), BLOCK_M)
+        n_tiles = n_listed if LISTED else tile_count(los, his, 0, 0, BLOCK_M, False)
+        for t in range(0, n_tiles):
+            if LISTED:
+                start_m = tl.load(p_list + t).to(tl.int32) * BLOCK_M
+            else:
+                start_m = tile_start(t, los, his, 0, 0, BLOCK_M, False)
+            start_m = tl.multiple_of(start_m, BLOCK_M)
             b_dk, b_dv, b_ddelta = _dkdv_tile(
                 b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0,
                 p_lse2, p_di, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos,
                 stride_ls, stride_as, stride_dqs, stride_das, stride_sm, seqlen_q, seqlen_k,
                 dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
                 HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-                ATOMIC_DQ, HAS_SKIP, SKIP_M)
+                ATOMIC_DQ, COL_SKIP, SKIP_M, SKIP_N)
     return b_dk, b_dv, b_ddelta
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE2, DI, ALPHA, DELTA, DALPHA, DDELTA, CU_Q, CU_K, SEQUSED_K,
-    WINDOWS, SKIP,
+    WINDOWS, SKIP, LIST, COUNT,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_dkb, stride_dks, stride_dkh,
@@ -274,7 +279,7 @@ def _attn_bwd_dkdv_kernel(
     stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
     stride_dab, stride_dah, stride_das, stride_ddb, stride_ddh, stride_dds, stride_wh,
     stride_sb, stride_sh, stride_sm,
-    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, HKV, GROUP, heads_first,
+    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, HKV, GROUP, heads_first, list_len,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -282,6 +287,9 @@ def _attn_bwd_dkdv_kernel(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
+    """dK/dV (and ddelta) of one key tile of one (batch, KV head). HAS_SKIP: the query tiles
+    come from LIST (row (b, h, key tile), COUNT entries; see `_kept_tile_lists`): pairs the
+    forward skipped are never visited."""
     # heavy (early, causal) key tiles first
     pid_n, pid_bh = program_tile(tl.cdiv(seqlen_k_fixed, BLOCK_N), heads_first)
     b = pid_bh // HKV
@@ -344,24 +352,35 @@ def _attn_bwd_dkdv_kernel(
         p_alpha0 = ALPHA + b_off64 * stride_ab + h * stride_ah + q_start.to(tl.int64) * stride_as
         p_dalpha0 = DALPHA + b_off64 * stride_dab + h * stride_dah \
             + q_start.to(tl.int64) * stride_das
-        p_skip = SKIP + b * stride_sb + h * stride_sh + start_n // SKIP_N
-        whole, edges = _query_ranges(
-            start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
-            BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-        b_dk, b_dv, b_ddelta = _dkdv_tiles(
-            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm, edges[0], edges[1], seqlen_q,
-            seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
-        b_dk, b_dv, b_ddelta = _dkdv_tiles(
-            b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-            DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls,
-            stride_as, stride_dqs, stride_das, stride_sm, whole[0], whole[1], seqlen_q,
-            seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right, w_near,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, SKIP_M)
+        p_skip = SKIP + b * stride_sb + h * stride_sh
+        if HAS_SKIP:
+            row = (b * HKV * GROUP + h) * tl.cdiv(seqlen_k_fixed, BLOCK_N) + pid_n
+            b_dk, b_dv, b_ddelta = _dkdv_tiles(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, LIST + row.to(tl.int64) * list_len,
+                tl.load(COUNT + row), stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
+                stride_das, stride_sm, (0,), (0,), seqlen_q, seqlen_k, dist_offset, scale,
+                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, True,
+                BLOCK_N > SKIP_N, SKIP_M, SKIP_N)
+        else:
+            whole, edges = _query_ranges(
+                start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+                BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+            b_dk, b_dv, b_ddelta = _dkdv_tiles(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, LIST, 0, stride_qs, stride_dos,
+                stride_ls, stride_as, stride_dqs, stride_das, stride_sm, edges[0], edges[1],
+                seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right,
+                w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+                IS_LOGSIGMOID, ATOMIC_DQ, False, False, SKIP_M, SKIP_N)
+            b_dk, b_dv, b_ddelta = _dkdv_tiles(
+                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
+                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, LIST, 0, stride_qs, stride_dos,
+                stride_ls, stride_as, stride_dqs, stride_das, stride_sm, whole[0], whole[1],
+                seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right,
+                w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+                IS_LOGSIGMOID, ATOMIC_DQ, False, False, SKIP_M, SKIP_N)
 
     # keys past seqused_k (and padding rows) get zero gradients
     w_ok = (o_n < seqlen_k_all)[:, None]
@@ -399,12 +418,12 @@ def _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs, stride_ds, start_n
 
 @triton.jit
 def _dq_math(
-    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta, seqlen_k,
-    dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+    b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta, b_keep,
+    seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, COL_SKIP: tl.constexpr,
 ):
-    """One (query tile, key tile) pair of the dQ kernel."""
+    """One (query tile, key tile) pair of the dQ kernel (COL_SKIP: as in `_dkdv_math`)."""
     b_s = tl.dot(b_q, b_kT)  # [M, N]
     b_dp = tl.dot(b_do, b_vT)  # issued before the exponentials: its MMA overlaps them
     if HAS_GATE:
@@ -414,6 +433,8 @@ def _dq_math(
     if MASKED:
         m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
                            IS_LOCAL, w_sink, w_left, w_right, w_near)
+        if COL_SKIP:
+            m_vis = m_vis & b_keep[None, :]
         b_p = tl.where(m_vis, b_p, 0.0)
     b_ds = b_p * (b_dp - b_di[:, None])
     b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
@@ -429,69 +450,70 @@ def _dq_tile(
     w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_SKIP: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, COL_SKIP: tl.constexpr,
     SKIP_N: tl.constexpr,
 ):
-    """One key tile of the dQ kernel."""
-    # loads stay unconditional (pipelined); a skipped pair does no math
+    """One key tile of the dQ kernel (COL_SKIP: p_skip is this query block's row of codes)."""
     o_n, b_kT, b_vT, b_delta = _dq_load(p_k0, p_v0, p_delta0, o_d, stride_ks, stride_vs,
                                         stride_ds, start_n, seqlen_k, HEAD_DIM,
                                         HEAD_DIM_PAD, BLOCK_N, MASKED, HAS_GATE)
-    if HAS_SKIP:
-        code = tl.load(p_skip + start_n // SKIP_N)
-        if code < 2:
-            b_dq, b_dalpha = _dq_math(
-                b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT,
-                b_delta, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-                w_near, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+    if COL_SKIP:
+        b_keep = tl.load(p_skip + o_n // SKIP_N, mask=o_n < seqlen_k, other=0) == 1
     else:
-        b_dq, b_dalpha = _dq_math(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta,
-            seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, MASKED,
-            IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+        b_keep = o_n
+    b_dq, b_dalpha = _dq_math(
+        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_n, b_kT, b_vT, b_delta,
+        b_keep, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, MASKED,
+        IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP)
     return b_dq, b_dalpha
 
 
 @triton.jit
 def _dq_tiles(
     b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-    stride_ks, stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2,
-    w_sink, w_left, w_right, w_near,
+    p_list, n_listed, stride_ks, stride_vs, stride_ds, los, his, seqlen_k, dist_offset,
+    scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_SKIP: tl.constexpr,
-    SKIP_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, LISTED: tl.constexpr,
+    COL_SKIP: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     """Visit the key tiles of the ranges [los[r], his[r]): a plain loop for one range, else
-    one walk over their union."""
-    if len(los) == 1:
+    one walk over their union; LISTED: the n_listed key tiles of p_list (as `_dkdv_tiles`)."""
+    if len(los) == 1 and not LISTED:
         for start_n in range(los[0], his[0], BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             b_dq, b_dalpha = _dq_tile(
                 b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
                 p_v0, p_delta0, p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset,
                 scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP, SKIP_N)
     else:
-        for t in range(0, tile_count(los, his, 0, 0, BLOCK_N, False)):
-            start_n = tl.multiple_of(tile_start(t, los, his, 0, 0, BLOCK_N, False), BLOCK_N)
+        n_tiles = n_listed if LISTED else tile_count(los, his, 0, 0, BLOCK_N, False)
+        for t in range(0, n_tiles):
+            if LISTED:
+                start_n = tl.load(p_list + t).to(tl.int32) * BLOCK_N
+            else:
+                start_n = tile_start(t, los, his, 0, 0, BLOCK_N, False)
+            start_n = tl.multiple_of(start_n, BLOCK_N)
             b_dq, b_dalpha = _dq_tile(
                 b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
                 p_v0, p_delta0, p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset,
                 scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP, SKIP_N)
     return b_dq, b_dalpha
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE2, DI, ALPHA, DELTA, DALPHA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP,
+    LIST, COUNT,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ls,
     stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds,
     stride_dab, stride_dah, stride_das, stride_wh, stride_sb, stride_sh, stride_sm,
-    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, H, GROUP, heads_first,
+    seqlen_q_fixed, seqlen_k_fixed, scale, scale_log2, H, GROUP, heads_first, list_len,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -499,7 +521,8 @@ def _attn_bwd_dq_kernel(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
     HAS_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
-    """Deterministic dQ (and dalpha) for one query tile, no atomics."""
+    """Deterministic dQ (and dalpha) for one query tile, no atomics. HAS_SKIP: the key tiles
+    come from LIST (row (b, h, query tile), COUNT entries), as in the dK/dV kernel."""
     # heavy (late, causal) query tiles first
     n_m = tl.cdiv(seqlen_q_fixed, BLOCK_M)
     tile, pid_bh = program_tile(n_m, heads_first)
@@ -560,23 +583,32 @@ def _attn_bwd_dq_kernel(
     b_dalpha = tl.zeros([BLOCK_M], dtype=tl.float32)
     p_skip = SKIP + b * stride_sb + h * stride_sh + (start_m * BLOCK_M // SKIP_M) * stride_sm
 
-    lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
-        start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
-        BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-    # as in the forward: whole-visible tiles unmasked, edge tiles masked, one loop each
-    whole, edges = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left,
-                                w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M,
-                                BLOCK_N, IS_LOCAL)
-    b_dq, b_dalpha = _dq_tiles(
-        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-        p_skip, stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset,
-        scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-        False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
-    b_dq, b_dalpha = _dq_tiles(
-        b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-        p_skip, stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset,
-        scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-        True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_SKIP, SKIP_N)
+    if HAS_SKIP:
+        row = pid_bh * n_m + pid_m
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, LIST + row.to(tl.int64) * list_len, tl.load(COUNT + row), stride_ks,
+            stride_vs, stride_ds, (0,), (0,), seqlen_k, dist_offset, scale_log2, w_sink,
+            w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
+            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, True, BLOCK_N > SKIP_N, SKIP_N)
+    else:
+        lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
+            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+            BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+        # as in the forward: whole-visible tiles unmasked, edge tiles masked, one loop each
+        whole, edges = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left,
+                                    w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                    BLOCK_M, BLOCK_N, IS_LOCAL)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, LIST, 0, stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k,
+            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, False, False, SKIP_N)
+        b_dq, b_dalpha = _dq_tiles(
+            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
+            p_skip, LIST, 0, stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k,
+            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, False, False, SKIP_N)
     tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh
              + o_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))
@@ -604,6 +636,31 @@ def _side_stream(q):
 
 def _on_stream(side):
     return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+
+def _kept_tile_lists(skip, block_m, block_n, n_m, n_n, by_key):
+    """Which (query tile, key tile) pairs of a backward launch hold a pair the forward kept,
+    as ascending index lists: (LIST, COUNT). by_key (dK/dV): LIST[b, h, key tile, :COUNT[b, h,
+    key tile]] are query tiles; else (dQ) LIST[b, h, query tile, :COUNT] are key tiles.
+
+    `skip` holds the forward's codes per skip block (SKIP_BLOCK_M x SKIP_BLOCK_N, 1 = kept);
+    a tile lies inside one block row (block_m divides SKIP_BLOCK_M) and covers one or more
+    blocks, or part of one, of that row. Plain torch ops on the device: no host sync."""
+    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    kept = skip == 1
+    rows = torch.arange(n_m, device=skip.device) * block_m // sm
+    kept = kept.index_select(2, rows)  # [B, H, n_m, nKB]
+    if block_n > sn:
+        per = block_n // sn
+        kept = torch.nn.functional.pad(kept, (0, n_n * per - kept.shape[3]))
+        kept = kept.view(*kept.shape[:3], n_n, per).any(-1)
+    else:
+        kept = kept.index_select(3, torch.arange(n_n, device=skip.device) * block_n // sn)
+    if by_key:
+        kept = kept.transpose(2, 3)
+    dtype = torch.int16 if kept.shape[3] < 2 ** 15 else torch.int32
+    order = torch.argsort(kept.logical_not().to(torch.uint8), dim=3, stable=True)
+    return order.to(dtype).contiguous(), kept.sum(3, dtype=torch.int32).contiguous()
 
 
 def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q, cu_seqlens_k,
@@ -669,14 +726,24 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     flags.update(HAS_SKIP=has_skip, SKIP_M=configs.SKIP_BLOCK_M, SKIP_N=configs.SKIP_BLOCK_N)
     scale_log2 = softmax_scale * 1.4426950408889634
     heads_first = int(configs.heads_first("bwd", is_local))
+    n_m, n_n = triton.cdiv(seqlen_q, cfg.block_m), triton.cdiv(seqlen_k, cfg.block_n)
+    n_m_dq, n_n_dq = triton.cdiv(seqlen_q, cfg.block_m_dq), triton.cdiv(seqlen_k, cfg.block_n_dq)
+    if has_skip:
+        configs.check_skip_tiles(cfg)
+        list_kv, count_kv = _kept_tile_lists(skip, cfg.block_m, cfg.block_n, n_m, n_n, True)
+        list_q, count_q = _kept_tile_lists(skip, cfg.block_m_dq, cfg.block_n_dq, n_m_dq,
+                                           n_n_dq, False) if not atomic_dq else (dummy, dummy)
+    else:
+        list_kv = count_kv = list_q = count_q = dummy
     # dK/dV on a high-priority side stream, the dQ pass on the caller's stream: the two are
     # independent, and dQ programs fill the SMs that the tail of the dK/dV grid leaves idle
     side = _side_stream(q) if not atomic_dq else None
     with _on_stream(side):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n) * batch * num_kv_heads,)](
+        _attn_bwd_dkdv_kernel[(n_n * batch * num_kv_heads,)](
             q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"],
             tensors["CU_K"], tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
+            list_kv, count_kv,
             *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
             *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
             *_strides3(dv, is_varlen), *stride_l, *_gate_strides(alpha, is_varlen),
@@ -685,22 +752,22 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
             *_gate_strides(ddelta if has_gate else None, is_varlen),
             window_sizes.stride(0) if is_local else 0, *stride_s,
             seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads,
-            num_heads // num_kv_heads, heads_first,
+            num_heads // num_kv_heads, heads_first, n_m,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
         )
     if not atomic_dq:
-        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m_dq) * batch * num_heads,)](
+        _attn_bwd_dq_kernel[(n_m_dq * batch * num_heads,)](
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],
-            tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
+            tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"], list_q, count_q,
             *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
             *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *stride_l,
             *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
             *_gate_strides(dalpha if has_gate else None, is_varlen),
             window_sizes.stride(0) if is_local else 0, *stride_s,
             seqlen_q, seqlen_k, softmax_scale, scale_log2, num_heads,
-            num_heads // num_kv_heads, heads_first,
+            num_heads // num_kv_heads, heads_first, n_n_dq,
             BLOCK_M=cfg.block_m_dq, BLOCK_N=cfg.block_n_dq,
             num_warps=cfg.num_warps_dq, num_stages=cfg.num_stages_dq, **flags,
         )

@@ -121,24 +121,30 @@ class BwdConfig:
 
 def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
                has_skip=False) -> BwdConfig:
-    """Backward tile shapes. With block skipping every tile must nest in a skip block
-    (block_m divides SKIP_BLOCK_M, block_n divides SKIP_BLOCK_N) so a pair the forward skipped
-    is skipped whole."""
+    """Backward tile shapes. With block skipping the query tiles must nest in the skip blocks'
+    rows (block_m divides SKIP_BLOCK_M); key tiles may cover several skip blocks (their
+    skipped keys are masked) or part of one. Launch table `bwd_skip` if present, else `bwd`."""
     if interpreting() or q.device.type == "cpu":
         return BwdConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
     d = head_dim_pad(head_dim)
-    found = launch_tables().get(_arch_key(q), {}).get("bwd_skip" if has_skip else "bwd",
-                                                      {}).get(f"d{d}")
+    tables = launch_tables().get(_arch_key(q), {})
+    found = (has_skip and tables.get("bwd_skip", {}).get(f"d{d}")) or \
+        tables.get("bwd", {}).get(f"d{d}")
     if found:
         return BwdConfig(*found)
-    if has_skip:
-        return BwdConfig(64, 64, 8, 2, 64, 64, 8, 2) if d <= 128 else \
-            BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
     if d <= 64:
         return BwdConfig(64, 64, 4, 3, 64, 64, 4, 3)
     if d <= 128:
         return BwdConfig(64, 64, 8, 2, 64, 64, 8, 2)
     return BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
+
+
+def check_skip_tiles(cfg: BwdConfig) -> None:
+    """Tile shapes a backward with block skipping can use (see bwd_config)."""
+    for bm, bn in ((cfg.block_m, cfg.block_n), (cfg.block_m_dq, cfg.block_n_dq)):
+        if SKIP_BLOCK_M % bm or (bn % SKIP_BLOCK_N and SKIP_BLOCK_N % bn):
+            raise ValueError(f"backward tiles {bm}x{bn} do not nest in the "
+                             f"{SKIP_BLOCK_M}x{SKIP_BLOCK_N} skip blocks")
 
 
 def heads_first(kernel: str, is_local: bool) -> bool:
