@@ -38,6 +38,7 @@ def llm_like(b, s, h, hkv, d, seed, gated=False):
     alpha = (1 + torch.randn(b, s, h, generator=g).abs()).to(device, dtype).transpose(1, 2)
     delta = 2 * torch.randn(b, s, hkv, generator=g)
     delta[:, 64:192] = -40.0
+    delta[:, 1088:1216] = -40.0  # long inputs: gate skips past the first 16 tiles too
     return ins + [alpha, delta.to(device, dtype).transpose(1, 2)]
 
 
@@ -62,11 +63,32 @@ CASES = [
     (260, 2, 1, 32, True, [[64, 64, 32, 64]], 1.0, False, 0.0, False),
     (300, 2, 1, 32, True, None, 0.0, True, 0.05, False),
     (300, 4, 2, 32, True, None, 0.5, True, 0.05, True),
+    (1300, 2, 1, 32, True, None, 0.0, True, 0.05, False),  # > 16 tiles: several gate chunks
 ]
 
 
+def _wide_backward_tiles(fsa, monkeypatch):
+    """Make every backward launch use key tiles of two skip blocks (and dQ query tiles of a
+    whole block row), so a tile can hold a kept and a skipped block."""
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    n2 = 2 * configs.SKIP_BLOCK_N
+    wide = configs.BwdConfig(32, n2, 4, 1, configs.SKIP_BLOCK_M, n2, 4, 1, 32)
+    monkeypatch.setattr(configs, "bwd_config", lambda *a, **k: wide)
+
+
+def _mixed_wide_tiles(skip):
+    """Number of (query block, 2-block key tile) pairs holding one kept and one skipped block."""
+    codes = skip[..., : skip.shape[-1] // 2 * 2].reshape(*skip.shape[:-1], -1, 2)
+    kept, skipped = (codes == 1).any(-1), (codes >= 2).any(-1)
+    return int((kept & skipped).sum())
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiles", "wide_tiles"])
 @pytest.mark.parametrize("s,h,hkv,d,causal,win,t,gated,tg,adapt", CASES)
-def test_skip_rule_matches_reference(fsa, s, h, hkv, d, causal, win, t, gated, tg, adapt):
+def test_skip_rule_matches_reference(fsa, monkeypatch, s, h, hkv, d, causal, win, t, gated, tg,
+                                     adapt, wide):
+    if wide:
+        _wide_backward_tiles(fsa, monkeypatch)
     q, k, v, do, alpha, delta = llm_like(1, s, h, hkv, d, seed=s + h, gated=gated)
     device = q.device
     windows = torch.tensor(win, dtype=torch.int32, device=device) if win else None
@@ -91,6 +113,8 @@ def test_skip_rule_matches_reference(fsa, s, h, hkv, d, causal, win, t, gated, t
     visible = r_skip.cpu() > 0
     assert torch.equal((skip.cpu() >= 2) & visible, (r_skip.cpu() >= 2) & visible)
     assert (r_skip >= 2).any(), "test inputs must make the rule skip something"
+    if wide:
+        assert _mixed_wide_tiles(skip) > 0, "a wide tile must mix kept and skipped blocks"
     stats = fsa.block_skip_stats(skip)
     assert stats["softmax_skipped"] + stats["gate_skipped"] == int((skip >= 2).sum())
 
@@ -109,6 +133,68 @@ def test_skip_rule_matches_reference(fsa, s, h, hkv, d, causal, win, t, gated, t
     low_out = torch_fn(*low_leaves)
     low_grads = torch.autograd.grad(low_out, low_leaves, do)
     assert_close_rule("out", out, ref_out, low_out)
+    for name, a, r, lo in zip(("dq", "dk", "dv", "dalpha", "ddelta"), grads, ref_grads,
+                              low_grads):
+        assert_close_rule(name, a, r, lo)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("wide", [False, True], ids=["tiles", "wide_tiles"])
+def test_backward_skips_exactly_the_given_blocks(fsa, gated, wide):
+    """The backward visits exactly the pairs the codes keep, whatever its tile shapes: codes
+    drawn at random (not by the rule, so skipped pairs carry full-size probabilities), the
+    forward's out/lse taken from float64 attention over the kept pairs, gradients against
+    float64 autograd of that attention."""
+    bwd = importlib.import_module(f"{fsa.__name__}.triton.bwd")
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    device, dtype = DEV
+    s, h, hkv, d = 300, 2, 1, 32
+    scale = d ** -0.5
+    g = torch.Generator().manual_seed(21 + gated)
+    q, k, v, do = (torch.randn(1, s, n, d, generator=g).to(device, dtype)
+                   for n in (h, hkv, hkv, h))
+    alpha = (torch.rand(1, h, s, generator=g) + 0.5).to(device, dtype) if gated else None
+    delta = torch.randn(1, hkv, s, generator=g).to(device, dtype) if gated else None
+    base = visible_mask(s, s, True, None, h, "cpu")
+    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    nqb, nkb = -(-s // sm), -(-s // sn)
+    seen = base.float()
+    seen = torch.nn.functional.pad(seen, (0, nkb * sn - s, 0, nqb * sm - s))
+    seen = seen.reshape(h, nqb, sm, nkb, sn).amax((2, 4)) > 0
+    skip = torch.where(torch.rand(h, nqb, nkb, generator=g) < 0.5, 2, 1).to(torch.uint8)
+    diag = (torch.arange(nkb)[None, :] == (torch.arange(nqb)[:, None] * sm + sm - 1).clamp(
+        max=s - 1) // sn)
+    skip = torch.where(diag, 1, skip) * seen  # every row keeps its diagonal block
+    skip = skip[None].to(device)
+    mask = _element_mask(skip, s, s, base).to(device)
+    if wide:
+        assert _mixed_wide_tiles(skip) > 0
+
+    def torch_fn(*t):
+        return torch_lowp_attention(t[0], t[1], t[2], scale, mask, *t[3:])
+
+    ins = [q, k, v] + ([alpha, delta] if gated else [])
+    ref_leaves = [x.detach().double().requires_grad_() for x in ins]
+    ref_out = torch_fn(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, do.double())
+    low_leaves = [x.detach().requires_grad_() for x in ins]
+    low_grads = torch.autograd.grad(torch_fn(*low_leaves), low_leaves, do)
+    logits = torch.einsum("bqhd,bkhd->bhqk", *(x.double() for x in (q, k.repeat_interleave(
+        h // hkv, 2))))
+    if gated:
+        x = alpha.double()[..., :, None] * delta.double().repeat_interleave(h // hkv, 1)[
+            ..., None, :]
+        logits = logits + torch.nn.functional.logsigmoid(x)
+    lse = torch.where(mask, logits * scale, float("-inf")).logsumexp(-1).float()
+    n2 = 2 * sn
+    cfg = configs.BwdConfig(32, n2, 4, 1, sm, n2, 4, 1, 32) if wide else \
+        configs.BwdConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
+    grads = bwd.launch_attn_bwd(
+        do, q, k, v, ref_out.detach().to(dtype), lse, skip, alpha=alpha, delta=delta,
+        cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, window_sizes=None,
+        max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, is_causal=True,
+        softmax_threshold=1.0, gate_threshold=0.0, is_logsigmoid_gate=True,
+        is_adapt_gate=False, deterministic=False, config=cfg)
     for name, a, r, lo in zip(("dq", "dk", "dv", "dalpha", "ddelta"), grads, ref_grads,
                               low_grads):
         assert_close_rule(name, a, r, lo)
