@@ -75,43 +75,20 @@ def _fwd_tile(
     else:
         b_delta = b_alpha
     if PHASE == 2:
+        # the gate test was passed (`_gate_pass`); the softmax test needs the scores, so the
+        # K load stays unconditional (and pipelined); a skip saves the exp, V load and P @ V
         code = start_n * 0 + 1
-        if GATE_SKIP:
-            # g is monotone in x = alpha * delta: its max over the tile needs only the
-            # extremes of delta over the keys that exist; a gate skip loads no K
-            d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
-            d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
-            x_max = tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min)
-            g_max = gate_2d(x_max, IS_LOGSIGMOID)
-            if tl.max((g_max * scale_log2 >= b_gthr).to(tl.int32), 0) == 0:
-                code = start_n * 0 + 3
-            if code == 1:
-                b_s, b_g = _tile_scores(
-                    b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-                    dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                    HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
-                if HAS_THRESHOLD:
-                    b_mx = tl.max(b_s, 1)
-                    if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32),
-                              0) == 0:
-                        code = start_n * 0 + 2
-                if code == 1:
-                    acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d,
-                                                     p_v0, stride_vs, HEAD_DIM,
-                                                     HEAD_DIM_PAD, MASKED)
-        else:
-            # softmax test only: K is always needed, so its load stays unconditional
-            # (and pipelined); a skip saves the exp, the V load and P @ V
-            b_s, b_g = _tile_scores(
-                b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-                dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-                HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+        b_s, b_g = _tile_scores(
+            b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
+            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+            HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+        if HAS_THRESHOLD:
             b_mx = tl.max(b_s, 1)
             if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
                 code = start_n * 0 + 2
-            if code == 1:
-                acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                                 stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        if code == 1:
+            acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                                             stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
         tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
     else:
         b_s, b_g = _tile_scores(
@@ -129,8 +106,41 @@ def _fwd_tile(
 
 
 @triton.jit
+def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_hi, seqlen_k,
+               scale_log2, b_gthr, BLOCK_N: tl.constexpr, IS_LOGSIGMOID: tl.constexpr):
+    """The gate test of PHASE 2 for every tile of the walk, before any K is loaded, GATE_CHUNK
+    tiles at a time: g is monotone in x = alpha * delta, so its max over a tile needs only the
+    extremes of delta over the keys that exist. Gate-skipped tiles get code 3; the starts of
+    the others are written in order to p_list (this program's scratch row). Returns how many."""
+    GATE_CHUNK: tl.constexpr = 16
+    count = tl.zeros([], dtype=tl.int32)
+    n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, True)
+    for c in range(0, n_tiles, GATE_CHUNK):
+        t = c + tl.arange(0, GATE_CHUNK)
+        t_ok = t < n_tiles
+        start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, True)  # [C]
+        o_n = start_n[:, None] + tl.arange(0, BLOCK_N)[None, :]  # [C, N]
+        n_ok = (o_n < seqlen_k) & t_ok[:, None]
+        b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
+        d_max = tl.where(t_ok, tl.max(tl.where(n_ok, b_delta, float("-inf")), 1), 0.0)
+        d_min = tl.where(t_ok, tl.min(tl.where(n_ok, b_delta, float("inf")), 1), 0.0)
+        x_max = tl.where(b_alpha[:, None] >= 0, b_alpha[:, None] * d_max[None, :],
+                         b_alpha[:, None] * d_min[None, :])  # [M, C]
+        g_max = gate_2d(x_max, IS_LOGSIGMOID)
+        keep = tl.max((g_max * scale_log2 >= b_gthr[:, None]).to(tl.int32), 0)
+        keep = tl.where(t_ok, keep, 0)
+        tl.store(p_skip + start_n // BLOCK_N, tl.full([GATE_CHUNK], 3, tl.uint8),
+                 mask=t_ok & (keep == 0))
+        tl.store(p_list + count + tl.cumsum(keep, 0) - keep, start_n, mask=keep == 1)
+        count += tl.sum(keep, 0)
+    # the list is read back by every thread of the program
+    tl.debug_barrier()
+    return count
+
+
+@triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list, stride_ks,
     stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
     w_near, b_thr, b_gthr, a_lo, a_hi,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -146,6 +156,8 @@ def _fwd_tiles(
     (tile 0 and the anchors [a_lo, a_hi) are left out of the walk), with the tests of SPEC §5/§6:
     - gate test (before loading K): skip when for every row scale*(gmax - g_ref) < ln(tg),
       i.e. gmax * scale_log2 < b_gthr, where gmax bounds g over the tile from delta extremes;
+      taken for the whole walk first (`_gate_pass`), so the loop then visits only the tiles
+      that passed, from the list p_list, with K and V loads pipelined as in the dense loop;
     - softmax test (after Q.K^T): skip when for every row rowmax(s2) < b_thr
       (b_thr = m_ref + log2(t * l_ref / visible_len), base 2).
     Tile codes written to p_skip[tile] (phases 1, 2): 1 kept, 2 softmax skip, 3 gate skip;
@@ -160,9 +172,16 @@ def _fwd_tiles(
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP,
                 PHASE)
     else:
-        n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
+        if PHASE == 2 and GATE_SKIP:
+            n_tiles = _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo,
+                                 a_hi, seqlen_k, scale_log2, b_gthr, BLOCK_N, IS_LOGSIGMOID)
+        else:
+            n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
         for t in range(0, n_tiles):
-            start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
+            if PHASE == 2 and GATE_SKIP:
+                start_n = tl.load(p_list + t)
+            else:
+                start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, m_i, l_i, g_ref = _fwd_tile(
                 acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
@@ -265,7 +284,7 @@ def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_righ
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP,
+    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP, LIST,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -353,6 +372,7 @@ def _attn_fwd_kernel(
     if HAS_THRESHOLD or GATE_SKIP:
         # ---- block-skip rule (SPEC §5, §6): anchors first, then tested tiles -------------
         p_skip = SKIP + b * stride_sb + h * stride_sh + start_m * stride_sm
+        p_list = LIST + b * stride_sb + h * stride_sh + start_m * stride_sm  # same layout
         m_first = start_m * BLOCK_M
         m_last = tl.minimum(m_first + BLOCK_M, seqlen_q) - 1
         if IS_CAUSAL or IS_LOCAL:
@@ -370,7 +390,7 @@ def _attn_fwd_kernel(
             ((lo2 == 0) & (hi2 > 0)) | ((lo3 == 0) & (hi3 > 0))
         hi_a0 = tl.where(tile0 & (a_lo > 0), BLOCK_N, 0)
         acc, m_i, l_i, g_ref = _fwd_tiles(
-            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
+            acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
             stride_ks, stride_vs, stride_ds, (0, a_lo), (hi_a0, a_hi), seqlen_k, dist_offset,
             scale_log2, w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
@@ -406,6 +426,7 @@ def _attn_fwd_kernel(
         b_thr = m_i
         b_gthr = m_i
         p_skip = SKIP
+        p_list = LIST
         PHASE: tl.constexpr = 0
     # tiles every row sees whole run without a mask, tiles crossing a mask boundary (diagonal,
     # band edges, sequence end) with it: one loop for each
@@ -413,12 +434,14 @@ def _attn_fwd_kernel(
                                 w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, BLOCK_M,
                                 BLOCK_N, IS_LOCAL)
     acc, m_i, l_i, g_ref = _fwd_tiles(
-        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
+        stride_ks,
         stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset, scale_log2, w_sink,
         w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
         False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
     acc, m_i, l_i, g_ref = _fwd_tiles(
-        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, stride_ks,
+        acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
+        stride_ks,
         stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset, scale_log2, w_sink,
         w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
         True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
@@ -500,6 +523,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         cu_seqlens_q if is_varlen else dummy, cu_seqlens_k if is_varlen else dummy,
         seqused_k if seqused_k is not None else dummy,
         window_sizes if is_local else dummy, skip if skip.numel() else dummy,
+        torch.empty(skip.shape, dtype=torch.int32, device=q.device) if gate_skip else dummy,
         *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
         *_strides3(out, is_varlen), *stride_l,
         *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
