@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, tile_count,
-                     tile_start, visible_2d)
+from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
+                     walk_count, walk_start)
 from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
 
 
@@ -251,13 +251,8 @@ def _dkdv_tiles(
                 HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
                 ATOMIC_DQ, COL_SKIP, SKIP_M, SKIP_N)
     else:
-        n_tiles = n_listed if LISTED else tile_count(los, his, 0, 0, BLOCK_M, False)
-        for t in range(0, n_tiles):
-            if LISTED:
-                start_m = tl.load(p_list + t).to(tl.int32) * BLOCK_M
-            else:
-                start_m = tile_start(t, los, his, 0, 0, BLOCK_M, False)
-            start_m = tl.multiple_of(start_m, BLOCK_M)
+        for t in range(0, walk_count(los, his, n_listed, BLOCK_M, LISTED)):
+            start_m = walk_start(t, los, his, p_list, BLOCK_M, LISTED)
             b_dk, b_dv, b_ddelta = _dkdv_tile(
                 b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0,
                 p_lse2, p_di, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos,
@@ -489,13 +484,8 @@ def _dq_tiles(
                 scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP, SKIP_N)
     else:
-        n_tiles = n_listed if LISTED else tile_count(los, his, 0, 0, BLOCK_N, False)
-        for t in range(0, n_tiles):
-            if LISTED:
-                start_n = tl.load(p_list + t).to(tl.int32) * BLOCK_N
-            else:
-                start_n = tile_start(t, los, his, 0, 0, BLOCK_N, False)
-            start_n = tl.multiple_of(start_n, BLOCK_N)
+        for t in range(0, walk_count(los, his, n_listed, BLOCK_N, LISTED)):
+            start_n = walk_start(t, los, his, p_list, BLOCK_N, LISTED)
             b_dq, b_dalpha = _dq_tile(
                 b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
                 p_v0, p_delta0, p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset,

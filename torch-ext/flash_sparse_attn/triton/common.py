@@ -210,3 +210,24 @@ def tile_start(t, los, his, hole_lo, hole_hi, BLOCK: tl.constexpr, HOLE: tl.cons
         else:
             rem, pos = _segment(rem, pos, los[r], his[r])
     return pos
+
+
+@triton.jit
+def walk_count(los, his, n_listed, BLOCK: tl.constexpr, LISTED: tl.constexpr):
+    """Tiles of a backward walk: n_listed tiles from a list (LISTED), else the union of the
+    ranges [los[r], his[r]) (`tile_count`)."""
+    if LISTED:
+        n = n_listed
+    else:
+        n = tile_count(los, his, 0, 0, BLOCK, False)
+    return n
+
+
+@triton.jit
+def walk_start(t, los, his, p_list, BLOCK: tl.constexpr, LISTED: tl.constexpr):
+    """Start of tile t of that walk: BLOCK * p_list[t] (LISTED), else `tile_start`."""
+    if LISTED:
+        start = tl.load(p_list + t).to(tl.int32) * BLOCK
+    else:
+        start = tile_start(t, los, his, 0, 0, BLOCK, False)
+    return tl.multiple_of(start, BLOCK)
