@@ -266,8 +266,8 @@ def _gate_kernel(X, Y, N: tl.constexpr):
 
 def test_logsigmoid_gate_matches_float64(fsa):
     """The kernels' logsigmoid (one exp2 and a polynomial log1p) against float64 over the range
-    of x = alpha * delta that matters: never more than 3e-7 (about 2 fp32 ulps of log 2) above
-    the error of PyTorch's own fp32 logsigmoid at the same point."""
+    of x = alpha * delta that matters: never more than 1.2e-5 off (the fit's 1.0e-5 plus fp32
+    rounding), about 100x below one fp16 rounding step of a unit score (see log1p_unit)."""
     global _GATE_2D
     _GATE_2D = importlib.import_module(f"{fsa.__name__}.triton.common").gate_2d
     device, _ = kernel_device_dtype()
@@ -276,6 +276,5 @@ def test_logsigmoid_gate_matches_float64(fsa):
     _gate_kernel[(1,)](x, y, N=x.numel())
     want = torch.nn.functional.logsigmoid(x.double())
     err = (y.double() - want).abs()
-    torch_err = (torch.nn.functional.logsigmoid(x).double() - want).abs()
-    worst = int((err - torch_err).argmax())
-    assert float(err[worst] - torch_err[worst]) <= 3e-7, (float(x[worst]), float(err[worst]))
+    worst = int(err.argmax())
+    assert float(err[worst]) <= 1.2e-5, (float(x[worst]), float(err[worst]))

@@ -88,16 +88,16 @@ def visible_count(i, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: t
 
 @triton.jit
 def log1p_unit(u):
-    """log(1 + u) for u in [0, 1] in fp32 without a transcendental op: u * P(u), P a degree-7
-    least-squares fit on [0, 1] (max abs error 1.4e-7 in fp32, about one ulp of log(2)).
-    Frees the special-function unit, which the scores' exp2 already saturates."""
-    p = -0.006281834 * u + 0.035403866
-    p = p * u - 0.094222
-    p = p * u + 0.16672361
-    p = p * u - 0.24030267
-    p = p * u + 0.3316916
-    p = p * u - 0.4998613
-    p = p * u + 0.9999959
+    """log(1 + u) for u in [0, 1] in fp32 without a transcendental op: u * P(u), P a degree-4
+    near-minimax fit on [0, 1] (max abs error 1.0e-5). The gate is added to the fp32 q.k of a
+    score whose inputs are fp16/bf16: 1e-5 is about 100x below one fp16 rounding step of a
+    unit score (2^-10), so the fit never shows in results, and four FMAs (not seven) keep the
+    FP32 pipe, which the gate loads most, free. Frees the special-function unit, which the
+    scores' exp2 already saturates."""
+    p = 0.032178666 * u - 0.13611971
+    p = p * u + 0.28953034
+    p = p * u - 0.49193054
+    p = p * u + 0.99949825
     return p * u
 
 
