@@ -95,8 +95,10 @@ def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
         return found or Config(SKIP_BLOCK_M, SKIP_BLOCK_N, 8, 3 if d <= 128 else 2)
     if interpreting() or q.device.type == "cpu":
         return Config(32, 32, 4, 1)
-    found = _table_lookup("fwd", _arch_key(q), f"d{d}")
-    if found is not None:
+    # gated: the gate's per-score work changes the best pipelining (table `fwd_gate`)
+    found = (has_gate and _table_lookup("fwd_gate", _arch_key(q), f"d{d}")) or \
+        _table_lookup("fwd", _arch_key(q), f"d{d}")
+    if found:
         return found
     if d <= 64:
         return Config(128, 64, 4, 3)
@@ -123,12 +125,14 @@ def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
                has_skip=False) -> BwdConfig:
     """Backward tile shapes. With block skipping the query tiles must nest in the skip blocks'
     rows (block_m divides SKIP_BLOCK_M); key tiles may cover several skip blocks (their
-    skipped keys are masked) or part of one. Launch table `bwd_skip` if present, else `bwd`."""
+    skipped keys are masked) or part of one. Launch table `bwd_skip` (block skipping),
+    `bwd_gate` (gated) if present, else `bwd`."""
     if interpreting() or q.device.type == "cpu":
         return BwdConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
     d = head_dim_pad(head_dim)
     tables = launch_tables().get(_arch_key(q), {})
     found = (has_skip and tables.get("bwd_skip", {}).get(f"d{d}")) or \
+        (has_gate and tables.get("bwd_gate", {}).get(f"d{d}")) or \
         tables.get("bwd", {}).get(f"d{d}")
     if found:
         return BwdConfig(*found)
