@@ -149,10 +149,15 @@ def test_local_window(fsa, win, per_qhead):
         assert_close_rule(name, a, r, lo)
 
 
+@pytest.mark.parametrize("shape", [
+    (2, 45, 70, 4, 2, 32),
+    pytest.param((1, 1000, 1000, 8, 2, 128), marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="D=128 at 1000 tokens (the gated launch tables) is for the GPU")),
+])
 @pytest.mark.parametrize("logsig", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gated(fsa, logsig, causal):
-    b, sq, sk, h, hkv, d = 2, 45, 70, 4, 2, 32
+def test_gated(fsa, logsig, causal, shape):
+    b, sq, sk, h, hkv, d = shape
     q, k, v, do, alpha, delta = _inputs(b, sq, sk, h, hkv, d, gated=True, seed=3)
     scale = d ** -0.5
     mask = visible_mask(sq, sk, causal, None, h, q.device)
