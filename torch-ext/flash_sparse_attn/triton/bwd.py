@@ -11,6 +11,10 @@ Notation
   (5 matmuls), which `deterministic=True` always overrides.
   The dK/dV grid runs on a high-priority side stream while the dQ pass runs on the caller's
   stream (they share inputs only), so dQ programs fill the SMs the dK/dV tail leaves idle.
+- Block skipping (sparse / gated): the forward's codes say which skip blocks were kept;
+  `_kept_tile_lists` turns them into, per key tile (dK/dV) and per query tile (dQ), the list of
+  tiles holding a kept block, and the loops walk only those (skipped pairs cost nothing). A
+  tile wider than a skip block masks the keys of its skipped blocks (COL_SKIP).
 - Gated: score = scale * (q.k + g(x)), x = alpha_i * delta_j; dL/dx = scale * dS * g'(x);
   dalpha is a row sum (dQ side), ddelta a column sum over rows and query heads (dK/dV side).
 
