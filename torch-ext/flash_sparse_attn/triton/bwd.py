@@ -202,6 +202,13 @@ def _dkdv_math(
 
 
 @triton.jit
+def _kept_keys(p_codes, o_n, seqlen_k, SKIP_N: tl.constexpr):
+    """[N] whether the forward kept the skip block of each key o_n, from one query block's row
+    of codes (COL_SKIP tiles, which span several blocks)."""
+    return tl.load(p_codes + o_n // SKIP_N, mask=o_n < seqlen_k, other=0) == 1
+
+
+@triton.jit
 def _dkdv_tile(
     b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, p_lse2, p_di,
     p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
@@ -218,8 +225,7 @@ def _dkdv_tile(
         p_q0, p_do0, p_lse2, p_di, p_alpha0, o_d, stride_qs, stride_dos, stride_ls,
         stride_as, start_m, seqlen_q, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, HAS_GATE)
     if COL_SKIP:
-        b_keep = tl.load(p_skip + (start_m // SKIP_M) * stride_sm + o_n // SKIP_N,
-                         mask=o_n < seqlen_k, other=0) == 1
+        b_keep = _kept_keys(p_skip + (start_m // SKIP_M) * stride_sm, o_n, seqlen_k, SKIP_N)
     else:
         b_keep = m_ok
     b_dk, b_dv, b_ddelta = _dkdv_math(
@@ -256,7 +262,7 @@ def _dkdv_tiles(
                 ATOMIC_DQ, COL_SKIP, SKIP_M, SKIP_N)
     else:
         for t in range(0, walk_count(los, his, n_listed, BLOCK_M, LISTED)):
-            start_m = walk_start(t, los, his, p_list, BLOCK_M, LISTED)
+            start_m = walk_start(t, los, his, 0, 0, p_list, BLOCK_M, False, LISTED)
             b_dk, b_dv, b_ddelta = _dkdv_tile(
                 b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0,
                 p_lse2, p_di, p_alpha0, p_dq0, p_dalpha0, p_skip, stride_qs, stride_dos,
@@ -457,7 +463,7 @@ def _dq_tile(
                                         stride_ds, start_n, seqlen_k, HEAD_DIM,
                                         HEAD_DIM_PAD, BLOCK_N, MASKED, HAS_GATE)
     if COL_SKIP:
-        b_keep = tl.load(p_skip + o_n // SKIP_N, mask=o_n < seqlen_k, other=0) == 1
+        b_keep = _kept_keys(p_skip, o_n, seqlen_k, SKIP_N)
     else:
         b_keep = o_n
     b_dq, b_dalpha = _dq_math(
@@ -489,7 +495,7 @@ def _dq_tiles(
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP, SKIP_N)
     else:
         for t in range(0, walk_count(los, his, n_listed, BLOCK_N, LISTED)):
-            start_n = walk_start(t, los, his, p_list, BLOCK_N, LISTED)
+            start_n = walk_start(t, los, his, 0, 0, p_list, BLOCK_N, False, LISTED)
             b_dq, b_dalpha = _dq_tile(
                 b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
                 p_v0, p_delta0, p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset,

@@ -224,10 +224,12 @@ def walk_count(los, his, n_listed, BLOCK: tl.constexpr, LISTED: tl.constexpr):
 
 
 @triton.jit
-def walk_start(t, los, his, p_list, BLOCK: tl.constexpr, LISTED: tl.constexpr):
-    """Start of tile t of that walk: BLOCK * p_list[t] (LISTED), else `tile_start`."""
+def walk_start(t, los, his, hole_lo, hole_hi, p_list, BLOCK: tl.constexpr, HOLE: tl.constexpr,
+               LISTED: tl.constexpr):
+    """Start of tile t of a walk: BLOCK * p_list[t] (LISTED: tile indices written by a
+    decision pass), else `tile_start` over the union of the ranges (HOLE as there)."""
     if LISTED:
         start = tl.load(p_list + t).to(tl.int32) * BLOCK
     else:
-        start = tile_start(t, los, his, 0, 0, BLOCK, False)
+        start = tile_start(t, los, his, hole_lo, hole_hi, BLOCK, HOLE)
     return tl.multiple_of(start, BLOCK)

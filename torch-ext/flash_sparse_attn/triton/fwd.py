@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import configs
 from .common import (LN2, accumulate_tile, gate, gate_2d, load_tile, program_tile, tile_count,
-                     tile_start, visible, visible_count)
+                     tile_start, visible, visible_count, walk_start)
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_h
                scale_log2, b_gthr, BLOCK_N: tl.constexpr, IS_LOGSIGMOID: tl.constexpr):
     """The gate test of PHASE 2 for every tile of the walk, before any K is loaded, GATE_CHUNK
     tiles at a time: g is monotone in x = alpha * delta, so its max over a tile needs only the
-    extremes of delta over the keys that exist. Gate-skipped tiles get code 3; the starts of
+    extremes of delta over the keys that exist. Gate-skipped tiles get code 3; the indices of
     the others are written in order to p_list (this program's scratch row). Returns how many."""
     GATE_CHUNK: tl.constexpr = 16
     count = tl.zeros([], dtype=tl.int32)
@@ -131,7 +131,7 @@ def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_h
         keep = tl.where(t_ok, keep, 0)
         tl.store(p_skip + start_n // BLOCK_N, tl.full([GATE_CHUNK], 3, tl.uint8),
                  mask=t_ok & (keep == 0))
-        tl.store(p_list + count + tl.cumsum(keep, 0) - keep, start_n, mask=keep == 1)
+        tl.store(p_list + count + tl.cumsum(keep, 0) - keep, start_n // BLOCK_N, mask=keep == 1)
         count += tl.sum(keep, 0)
     # the list is read back by every thread of the program
     tl.debug_barrier()
@@ -178,11 +178,8 @@ def _fwd_tiles(
         else:
             n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
         for t in range(0, n_tiles):
-            if PHASE == 2 and GATE_SKIP:
-                start_n = tl.load(p_list + t)
-            else:
-                start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
-            start_n = tl.multiple_of(start_n, BLOCK_N)
+            start_n = walk_start(t, los, his, a_lo, a_hi, p_list, BLOCK_N, PHASE == 2,
+                                 PHASE == 2 and GATE_SKIP)
             acc, m_i, l_i, g_ref = _fwd_tile(
                 acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
                 p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
