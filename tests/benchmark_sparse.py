@@ -46,10 +46,26 @@ def random_inputs(s, h, hkv, d, seed=0):
             for n in (h, hkv, hkv)]
 
 
+def gate_inputs(s, h, hkv, closed=0.7, shut=160.0, seed=2, device="cuda"):
+    """Gates that close most keys, as a trained gate does: alpha in [1, 2] per query; delta
+    ~ N(0, 1) on open keys and lowered by `shut` on a random `closed` fraction of 64-key
+    blocks, aligned to the skip blocks (the 8 sink keys stay open). A closed key's gate is <= -shut, so
+    exp(scale * g) <= exp(-shut / sqrt(128)) ~ 7e-7 at D=128: the key is switched off, and
+    the default gate threshold (1 / seqlen_k, SPEC §6) can skip its blocks. Gates of a few
+    units would not: scaled by 1 / sqrt(D) they move a logit by less than one."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    alpha = (1 + torch.rand(1, h, s, device=device, generator=g)).to(torch.bfloat16)
+    delta = torch.randn(1, hkv, s, device=device, generator=g)
+    shut_key = (torch.rand(1, hkv, s // 64 + 1, device=device, generator=g) < closed
+                ).repeat_interleave(64, -1)[:, :, :s]  # whole 64-key blocks
+    shut_key[:, :, :8] = False
+    delta -= shut * shut_key
+    return alpha, delta.to(torch.bfloat16)
+
+
 def exact_rows(q, k, v, rows, scale, alpha=None, delta=None):
     """float64 dense causal attention for the sampled query rows: [len(rows), H, D]."""
-    s, h, d = q.shape[1], q.shape[2], q.shape[3]
-    group = h // k.shape[2]
+    group = q.shape[2] // k.shape[2]
     kk = k[0].double().repeat_interleave(group, 1)  # [S, H, D]
     vv = v[0].double().repeat_interleave(group, 1)
     out = []
@@ -127,14 +143,7 @@ def main():
                 rows_out.append(row)
                 print(row, flush=True)
             if kind == "llm":
-                # gated: positive alpha, delta low on most keys far from the diagonal
-                g = torch.Generator(device="cuda").manual_seed(2)
-                alpha = (1 + torch.rand(1, h, s, device="cuda", generator=g)).to(torch.bfloat16)
-                delta = torch.randn(1, hkv, s, device="cuda", generator=g)
-                delta[:, :, 8:] -= 6.0 * (torch.rand(1, hkv, (s - 8) // 64 + 1, device="cuda",
-                                                    generator=g) < 0.7).repeat_interleave(
-                    64, -1)[:, :, : s - 8]
-                delta = delta.to(torch.bfloat16)
+                alpha, delta = gate_inputs(s, h, hkv)
                 for gt, label in ((0.0, "gated (no gate sparsity)"),
                                   (None, "gated (default gate threshold)")):
                     out, skip = fsa.flash_gated_attn_func(q, k, v, alpha, delta, is_causal=True,
