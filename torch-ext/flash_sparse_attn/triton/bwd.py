@@ -174,8 +174,8 @@ def _dkdv_math(
     # dP^T is issued before the exponentials so its MMA can overlap them
     b_dpT = tl.dot(b_v, tl.trans(b_do))  # [N, M]
     if HAS_GATE:
-        b_x = b_delta[:, None] * b_alpha[None, :]
-        b_sT += gate_2d(b_x, IS_LOGSIGMOID)
+        b_gT = gate_2d(b_delta[:, None] * b_alpha[None, :], IS_LOGSIGMOID)
+        b_sT += b_gT
     b_pT = tl.math.exp2(b_sT * scale_log2 - b_lse2[None, :])
     if MASKED:
         m_vis = visible_2d(o_m[None, :], o_n[:, None], dist_offset, seqlen_k, IS_CAUSAL,
@@ -187,7 +187,7 @@ def _dkdv_math(
     b_dsT = b_pT * (b_dpT - b_di[None, :])
     b_dk = tl.dot(b_dsT.to(b_qT.dtype), tl.trans(b_qT), b_dk)
     if HAS_GATE:
-        b_dxT = b_dsT * gate_grad_2d(b_x, IS_LOGSIGMOID)
+        b_dxT = b_dsT * gate_grad_2d(b_gT, IS_LOGSIGMOID)
         b_ddelta += tl.sum(b_dxT * b_alpha[None, :], 1)
         if ATOMIC_DQ:
             tl.atomic_add(p_dalpha0 + rows * stride_das,
@@ -432,8 +432,8 @@ def _dq_math(
     b_s = tl.dot(b_q, b_kT)  # [M, N]
     b_dp = tl.dot(b_do, b_vT)  # issued before the exponentials: its MMA overlaps them
     if HAS_GATE:
-        b_x = b_alpha[:, None] * b_delta[None, :]
-        b_s += gate_2d(b_x, IS_LOGSIGMOID)
+        b_g = gate_2d(b_alpha[:, None] * b_delta[None, :], IS_LOGSIGMOID)
+        b_s += b_g
     b_p = tl.math.exp2(b_s * scale_log2 - b_lse2[:, None])
     if MASKED:
         m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
@@ -444,7 +444,7 @@ def _dq_math(
     b_ds = b_p * (b_dp - b_di[:, None])
     b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
     if HAS_GATE:
-        b_dalpha += tl.sum(b_ds * gate_grad_2d(b_x, IS_LOGSIGMOID) * b_delta[None, :], 1)
+        b_dalpha += tl.sum(b_ds * gate_grad_2d(b_g, IS_LOGSIGMOID) * b_delta[None, :], 1)
     return b_dq, b_dalpha
 
 
