@@ -49,10 +49,11 @@ def random_inputs(s, h, hkv, d, seed=0):
 def gate_inputs(s, h, hkv, closed=0.7, shut=160.0, seed=2, device="cuda"):
     """Gates that close most keys, as a trained gate does: alpha in [1, 2] per query; delta
     ~ N(0, 1) on open keys and lowered by `shut` on a random `closed` fraction of 64-key
-    blocks, aligned to the skip blocks (the 8 sink keys stay open). A closed key's gate is <= -shut, so
-    exp(scale * g) <= exp(-shut / sqrt(128)) ~ 7e-7 at D=128: the key is switched off, and
-    the default gate threshold (1 / seqlen_k, SPEC §6) can skip its blocks. Gates of a few
-    units would not: scaled by 1 / sqrt(D) they move a logit by less than one."""
+    blocks, aligned to the skip blocks (the 8 sink keys stay open). A closed key's gate is
+    about -shut * alpha, so exp(scale * g) < exp(-150 / sqrt(128)) ~ 2e-6 at D=128: the key
+    is switched off, and the default gate threshold (1 / seqlen_k, SPEC §6) can skip its
+    blocks. Gates of a few units would not: scaled by 1 / sqrt(D) they move a logit by less
+    than one."""
     g = torch.Generator(device=device).manual_seed(seed)
     alpha = (1 + torch.rand(1, h, s, device=device, generator=g)).to(torch.bfloat16)
     delta = torch.randn(1, hkv, s, device=device, generator=g)
