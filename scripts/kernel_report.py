@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +46,13 @@ def record_launches(args):
     import torch
     import triton
 
-    sys.path.insert(0, str(ROOT / "torch-ext"))
-    from flash_sparse_attn.triton import bwd, configs, fwd
+    # the kernel sources only: the package's __init__ needs the generated _ops.py of a build
+    if "fsa_kernel_sources" not in sys.modules:
+        pkg = types.ModuleType("fsa_kernel_sources")
+        pkg.__path__ = [str(ROOT / "torch-ext" / "flash_sparse_attn")]
+        sys.modules["fsa_kernel_sources"] = pkg
+    fwd, bwd, configs = (importlib.import_module(f"fsa_kernel_sources.triton.{m}")
+                         for m in ("fwd", "bwd", "configs"))
 
     recorded = []
 
