@@ -78,9 +78,10 @@ def _arch_key(t) -> str:
     return f"sm{major}{minor}"
 
 
-def _table_lookup(kernel: str, arch: str, key: str):
+def _table_lookup(kernel: str, arch: str, key: str, cls=None):
+    """The `cls` (default Config) of table `kernel` for `arch` and head-dim `key`, or None."""
     entry = launch_tables().get(arch, {}).get(kernel, {}).get(key)
-    return Config(*entry) if entry else None
+    return (cls or Config)(*entry) if entry else None
 
 
 def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
@@ -130,12 +131,12 @@ def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
     if interpreting() or q.device.type == "cpu":
         return BwdConfig(32, 32, 4, 1, 32, 32, 4, 1, 32)
     d = head_dim_pad(head_dim)
-    tables = launch_tables().get(_arch_key(q), {})
-    found = (has_skip and tables.get("bwd_skip", {}).get(f"d{d}")) or \
-        (has_gate and tables.get("bwd_gate", {}).get(f"d{d}")) or \
-        tables.get("bwd", {}).get(f"d{d}")
+    arch, key = _arch_key(q), f"d{d}"
+    found = (has_skip and _table_lookup("bwd_skip", arch, key, BwdConfig)) or \
+        (has_gate and _table_lookup("bwd_gate", arch, key, BwdConfig)) or \
+        _table_lookup("bwd", arch, key, BwdConfig)
     if found:
-        return BwdConfig(*found)
+        return found
     if d <= 64:
         return BwdConfig(64, 64, 4, 3, 64, 64, 4, 3)
     if d <= 128:
