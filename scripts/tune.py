@@ -29,8 +29,8 @@ FWD_CANDIDATES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128,
                   (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
                   (64, 64, 4, 2)]
 BWD_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2), (32, 128, 8, 2),
-                  (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 64, 8, 2),
-                  (128, 128, 8, 1), (32, 32, 4, 2)]
+                  (32, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3),
+                  (128, 64, 8, 2), (128, 128, 8, 1), (32, 32, 4, 2)]
 DQ_CANDIDATES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 8, 2),
                  (64, 64, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)]
 
@@ -146,10 +146,13 @@ def main():
     arch = _arch()
     entry = table.setdefault(arch, {})
     for d in args.dims:
-        f, b = sweep(fsa, d, args.seqlen)
+        # causal and full attention differ in the backward's best tiles (configs.bwd_config)
+        f, b_causal = sweep(fsa, d, args.seqlen, causal=True)
+        _, b = sweep(fsa, d, args.seqlen, causal=False)
         entry.setdefault("fwd", {})[f"d{d}"] = f
+        entry.setdefault("bwd_causal", {})[f"d{d}"] = b_causal
         entry.setdefault("bwd", {})[f"d{d}"] = b
-        print(f"d={d}: fwd {f} bwd {b}", flush=True)
+        print(f"d={d}: fwd {f} bwd causal {b_causal} bwd {b}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.out}", flush=True)
