@@ -42,7 +42,8 @@ OPCODES = ("HGMMA", "MUFU", "LDGSTS", "UTMALDG", "LDS", "LDL", "STL", "FFMA", "F
 
 def record_launches(args):
     """Run the forward or backward launch function on CPU tensors; return the recorded
-    (jit function, args, kwargs) of each kernel launch, the preprocess kernel left out."""
+    (jit function, args, kwargs) of each attention kernel launch (the backward's preprocess
+    and visit-list kernels left out: they do no attention math)."""
     import torch
     import triton
 
@@ -102,7 +103,7 @@ def record_launches(args):
                             config=cfg, **kw)
     print(f"{args.kernel}: S={s} H={h} Hkv={hkv} D={d} causal={args.causal} "
           f"threshold={args.threshold} gate={args.gate} config={cfg}")
-    return [r for r in recorded if "preprocess" not in r[0].__name__]
+    return [r for r in recorded if "_attn_" in r[0].__name__]
 
 
 def compile_recorded(fn, args, kwargs):

@@ -200,6 +200,55 @@ def test_backward_skips_exactly_the_given_blocks(fsa, gated, wide):
         assert_close_rule(name, a, r, lo)
 
 
+@pytest.mark.parametrize("bm,bn", [(32, 32), (64, 128), (32, 64), (128, 64), (64, 256)])
+def test_kept_tile_lists_match_the_codes(fsa, bm, bn):
+    """The backward's visit lists (`_kept_tile_lists`, one kernel) against a plain-Python
+    reading of the codes: per key tile the query tiles, per query tile the key tiles, holding a
+    kept (code 1) block, ascending; on strided codes, tiles narrower and wider than a block."""
+    bwd = importlib.import_module(f"{fsa.__name__}.triton.bwd")
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    sq, sk = 700, 1000
+    g = torch.Generator().manual_seed(bm + bn)
+    full = torch.randint(0, 4, (2, 3, -(-sq // sm), -(-sk // sn) + 2), generator=g,
+                         dtype=torch.int8)
+    codes = full[:, :, :, 1:-1]  # strided: rows longer than the codes
+    n_m, n_n = -(-sq // bm), -(-sk // bn)
+
+    def kept(b, h, m, n):
+        blocks = range(n * bn // sn, min((n * bn + bn - 1) // sn + 1, codes.shape[3]))
+        return any(codes[b, h, m * bm // sm, kb] == 1 for kb in blocks)
+
+    for by_key in (True, False):
+        lists, counts = bwd._kept_tile_lists(codes.to(DEV[0]), bm, bn, n_m, n_n, by_key)
+        lists, counts = lists.cpu().long(), counts.cpu()
+        for b in range(2):
+            for h in range(3):
+                for o in range(n_n if by_key else n_m):
+                    want = [i for i in range(n_m if by_key else n_n)
+                            if (kept(b, h, i, o) if by_key else kept(b, h, o, i))]
+                    assert counts[b, h, o] == len(want), (by_key, b, h, o)
+                    assert lists[b, h, o, :len(want)].tolist() == want, (by_key, b, h, o)
+
+
+def test_kept_tile_lists_long_rows(fsa):
+    """Rows longer than one chunk of the list kernel (2048 query tiles per key tile)."""
+    bwd = importlib.import_module(f"{fsa.__name__}.triton.bwd")
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    n_m, n_n = 2048, 3
+    g = torch.Generator().manual_seed(5)
+    shape = (1, 1, n_m * 32 // sm, n_n * 128 // sn)
+    codes = torch.randint(0, 4, shape, generator=g, dtype=torch.int8)
+    codes[torch.rand(shape, generator=g) < 0.5] = 1  # most rows keep more than 1024 tiles
+    lists, counts = bwd._kept_tile_lists(codes.to(DEV[0]), 32, 128, n_m, n_n, True)
+    for n in range(n_n):
+        block_kept = (codes[0, 0, :, n * 128 // sn:(n + 1) * 128 // sn] == 1).any(1)
+        want = [m for m in range(n_m) if block_kept[m * 32 // sm]]
+        assert counts[0, 0, n].item() == len(want) > 1024
+        assert lists[0, 0, n, :len(want)].cpu().tolist() == want
+
+
 def test_threshold_zero_equals_dense(fsa):
     q, k, v, do, _, _ = llm_like(1, 200, 2, 1, 32, seed=11)
     dense = fsa.flash_dense_attn_func(q, k, v, is_causal=True)

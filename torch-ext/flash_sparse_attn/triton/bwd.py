@@ -638,29 +638,63 @@ def _on_stream(side):
     return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
 
+@triton.jit
+def _kept_tiles_kernel(
+    SKIP, LIST, COUNT, stride_sb, stride_sh, stride_sm, stride_sn, n_outer, n_inner, n_kb, H,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
+    BY_KEY: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One row of `_kept_tile_lists`: program (b, h, outer tile) writes the ascending indices of
+    the inner tiles that hold a kept block pair to LIST[row, :count] and count to COUNT[row]."""
+    row = tl.program_id(0)
+    outer = row % n_outer
+    bh = row // n_outer
+    p_codes = SKIP + (bh // H).to(tl.int64) * stride_sb + (bh % H).to(tl.int64) * stride_sh
+    PER: tl.constexpr = BLOCK_N // SKIP_N if BLOCK_N > SKIP_N else 1
+    count = 0
+    for c0 in range(0, n_inner, CHUNK):
+        inner = c0 + tl.arange(0, CHUNK)
+        if BY_KEY:
+            m_tile, n_tile = inner, outer
+        else:
+            m_tile, n_tile = outer, inner
+        p_row = p_codes + (m_tile * BLOCK_M // SKIP_M).to(tl.int64) * stride_sm
+        kept = tl.zeros([CHUNK], dtype=tl.int32)
+        for p in tl.static_range(PER):
+            kb = n_tile * BLOCK_N // SKIP_N + p + 0 * inner  # [CHUNK] in both orders
+            code = tl.load(p_row + kb * stride_sn, mask=(inner < n_inner) & (kb < n_kb), other=0)
+            kept = kept | (code == 1).to(tl.int32)
+        pos = count + tl.cumsum(kept, 0) - 1
+        tl.store(LIST + row.to(tl.int64) * n_inner + pos, inner.to(LIST.dtype.element_ty),
+                 mask=kept != 0)
+        count += tl.sum(kept, 0)
+    tl.store(COUNT + row, count)
+
+
 def _kept_tile_lists(skip, block_m, block_n, n_m, n_n, by_key):
     """Which (query tile, key tile) pairs of a backward launch hold a pair the forward kept,
     as ascending index lists: (LIST, COUNT). by_key (dK/dV): LIST[b, h, key tile, :COUNT[b, h,
-    key tile]] are query tiles; else (dQ) LIST[b, h, query tile, :COUNT] are key tiles.
+    key tile]] are query tiles; else (dQ) LIST[b, h, query tile, :COUNT] are key tiles (entries
+    past COUNT are not written).
 
     `skip` holds the forward's codes per skip block (SKIP_BLOCK_M x SKIP_BLOCK_N, 1 = kept);
     a tile lies inside one block row (block_m divides SKIP_BLOCK_M) and covers one or more
-    blocks, or part of one, of that row. Plain torch ops on the device: no host sync."""
-    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
-    kept = skip == 1
-    rows = torch.arange(n_m, device=skip.device) * block_m // sm
-    kept = kept.index_select(2, rows)  # [B, H, n_m, nKB]
-    if block_n > sn:
-        per = block_n // sn
-        kept = torch.nn.functional.pad(kept, (0, n_n * per - kept.shape[3]))
-        kept = kept.view(*kept.shape[:3], n_n, per).any(-1)
-    else:
-        kept = kept.index_select(3, torch.arange(n_n, device=skip.device) * block_n // sn)
-    if by_key:
-        kept = kept.transpose(2, 3)
-    dtype = torch.int16 if kept.shape[3] < 2 ** 15 else torch.int32
-    order = torch.argsort(kept.logical_not().to(torch.uint8), dim=3, stable=True)
-    return order.to(dtype).contiguous(), kept.sum(3, dtype=torch.int32).contiguous()
+    blocks, or part of one, of that row. One kernel launch, no host sync (the lists used to
+    take ~30 small torch ops, whose launch overhead exceeded the kernels' time at 4k)."""
+    batch, heads, _, n_kb = skip.shape
+    n_outer, n_inner = (n_n, n_m) if by_key else (n_m, n_n)
+    dtype = torch.int16 if n_inner < 2 ** 15 else torch.int32
+    lists = torch.empty((batch, heads, n_outer, n_inner), dtype=dtype, device=skip.device)
+    counts = torch.empty((batch, heads, n_outer), dtype=torch.int32, device=skip.device)
+    if lists.numel() == 0:
+        return lists, counts.zero_()
+    chunk = min(1024, max(16, triton.next_power_of_2(n_inner)))
+    _kept_tiles_kernel[(batch * heads * n_outer,)](
+        skip, lists, counts, *skip.stride(), n_outer, n_inner, n_kb, heads,
+        BLOCK_M=block_m, BLOCK_N=block_n, SKIP_M=configs.SKIP_BLOCK_M,
+        SKIP_N=configs.SKIP_BLOCK_N, BY_KEY=by_key, CHUNK=chunk, num_warps=4,
+    )
+    return lists, counts
 
 
 def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q, cu_seqlens_k,
