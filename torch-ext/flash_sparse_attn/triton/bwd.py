@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
-                     walk_count, walk_start)
+from .common import (LOG2E, gate_2d, gate_grad_2d, listed_run, load_tile, program_tile,
+                     visible_2d, walk_count, walk_start)
 from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
 
 
@@ -183,6 +183,8 @@ def _dkdv_math(
         if COL_SKIP:
             m_vis = m_vis & b_keep[:, None]
         b_pT = tl.where(m_vis, b_pT, 0.0)
+    elif COL_SKIP:  # a whole-visible tile: only the skipped blocks' keys go
+        b_pT = tl.where(b_keep[:, None], b_pT, 0.0)
     b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
     b_dsT = b_pT * (b_dpT - b_di[None, :])
     b_dk = tl.dot(b_dsT.to(b_qT.dtype), tl.trans(b_qT), b_dk)
@@ -248,8 +250,9 @@ def _dkdv_tiles(
     LISTED: tl.constexpr, COL_SKIP: tl.constexpr, SKIP_M: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     """Visit the query tiles of the ranges [los[r], his[r]) for one key tile and query head: a
-    plain loop for one range, else one walk over their union. LISTED: visit instead the
-    n_listed query tiles whose indices p_list holds (the tiles the forward kept)."""
+    plain loop for one range, else one walk over their union. LISTED: visit instead the query
+    tiles whose indices p_list[:n_listed] holds (the tiles the forward kept, ascending): with one
+    range those inside it, else all of them."""
     if len(los) == 1 and not LISTED:
         for start_m in range(los[0], his[0], BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -261,7 +264,11 @@ def _dkdv_tiles(
                 HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
                 ATOMIC_DQ, COL_SKIP, SKIP_M, SKIP_N)
     else:
-        for t in range(0, walk_count(los, his, n_listed, BLOCK_M, LISTED)):
+        if LISTED and len(los) == 1:
+            t_first, t_last = listed_run(p_list, n_listed, los[0], his[0], BLOCK_M)
+        else:
+            t_first, t_last = 0, walk_count(los, his, n_listed, BLOCK_M, LISTED)
+        for t in range(t_first, t_last):
             start_m = walk_start(t, los, his, 0, 0, p_list, BLOCK_M, False, LISTED)
             b_dk, b_dv, b_ddelta = _dkdv_tile(
                 b_dk, b_dv, b_ddelta, start_m, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0,
@@ -358,34 +365,30 @@ def _attn_bwd_dkdv_kernel(
         p_dalpha0 = DALPHA + b_off64 * stride_dab + h * stride_dah \
             + q_start.to(tl.int64) * stride_das
         p_skip = SKIP + b * stride_sb + h * stride_sh
+        whole, edges = _query_ranges(
+            start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+            BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
         if HAS_SKIP:
+            # the query tiles the forward kept; local windows: one masked walk over all of them
             row = (b * HKV * GROUP + h) * tl.cdiv(seqlen_k_fixed, BLOCK_N) + pid_n
-            b_dk, b_dv, b_ddelta = _dkdv_tiles(
-                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, LIST + row.to(tl.int64) * list_len,
-                tl.load(COUNT + row), stride_qs, stride_dos, stride_ls, stride_as, stride_dqs,
-                stride_das, stride_sm, (0,), (0,), seqlen_q, seqlen_k, dist_offset, scale,
-                scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, True,
-                BLOCK_N > SKIP_N, SKIP_M, SKIP_N)
+            p_list = LIST + row.to(tl.int64) * list_len
+            n_listed = tl.load(COUNT + row)
+            if IS_LOCAL:
+                edges = ((seqlen_q * 0,), (seqlen_q,))
+                whole = ((seqlen_q * 0,), (seqlen_q * 0,))
         else:
-            whole, edges = _query_ranges(
-                start_n, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
-                BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+            p_list = LIST
+            n_listed = 0
+        for stage in tl.static_range(2):  # edge tiles masked, whole-visible tiles unmasked
             b_dk, b_dv, b_ddelta = _dkdv_tiles(
                 b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, LIST, 0, stride_qs, stride_dos,
-                stride_ls, stride_as, stride_dqs, stride_das, stride_sm, edges[0], edges[1],
+                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, p_list, n_listed, stride_qs,
+                stride_dos, stride_ls, stride_as, stride_dqs, stride_das, stride_sm,
+                edges[0] if stage == 0 else whole[0], edges[1] if stage == 0 else whole[1],
                 seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right,
-                w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-                IS_LOGSIGMOID, ATOMIC_DQ, False, False, SKIP_M, SKIP_N)
-            b_dk, b_dv, b_ddelta = _dkdv_tiles(
-                b_dk, b_dv, b_ddelta, b_k, b_v, b_delta, o_n, o_d, p_q0, p_do0, LSE2 + o_l,
-                DI + o_l, p_alpha0, p_dq0, p_dalpha0, p_skip, LIST, 0, stride_qs, stride_dos,
-                stride_ls, stride_as, stride_dqs, stride_das, stride_sm, whole[0], whole[1],
-                seqlen_q, seqlen_k, dist_offset, scale, scale_log2, w_sink, w_left, w_right,
-                w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, False, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-                IS_LOGSIGMOID, ATOMIC_DQ, False, False, SKIP_M, SKIP_N)
+                w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, stage == 0, IS_CAUSAL, IS_LOCAL,
+                HAS_GATE, IS_LOGSIGMOID, ATOMIC_DQ, HAS_SKIP, HAS_SKIP and BLOCK_N > SKIP_N,
+                SKIP_M, SKIP_N)
 
     # keys past seqused_k (and padding rows) get zero gradients
     w_ok = (o_n < seqlen_k_all)[:, None]
@@ -441,6 +444,8 @@ def _dq_math(
         if COL_SKIP:
             m_vis = m_vis & b_keep[None, :]
         b_p = tl.where(m_vis, b_p, 0.0)
+    elif COL_SKIP:  # a whole-visible tile: only the skipped blocks' keys go
+        b_p = tl.where(b_keep[None, :], b_p, 0.0)
     b_ds = b_p * (b_dp - b_di[:, None])
     b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
     if HAS_GATE:
@@ -484,7 +489,7 @@ def _dq_tiles(
     COL_SKIP: tl.constexpr, SKIP_N: tl.constexpr,
 ):
     """Visit the key tiles of the ranges [los[r], his[r]): a plain loop for one range, else
-    one walk over their union; LISTED: the n_listed key tiles of p_list (as `_dkdv_tiles`)."""
+    one walk over their union; LISTED: the listed key tiles (as `_dkdv_tiles`)."""
     if len(los) == 1 and not LISTED:
         for start_n in range(los[0], his[0], BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -494,7 +499,11 @@ def _dq_tiles(
                 scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP, SKIP_N)
     else:
-        for t in range(0, walk_count(los, his, n_listed, BLOCK_N, LISTED)):
+        if LISTED and len(los) == 1:
+            t_first, t_last = listed_run(p_list, n_listed, los[0], his[0], BLOCK_N)
+        else:
+            t_first, t_last = 0, walk_count(los, his, n_listed, BLOCK_N, LISTED)
+        for t in range(t_first, t_last):
             start_n = walk_start(t, los, his, 0, 0, p_list, BLOCK_N, False, LISTED)
             b_dq, b_dalpha = _dq_tile(
                 b_dq, b_dalpha, start_n, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0,
@@ -583,32 +592,32 @@ def _attn_bwd_dq_kernel(
     b_dalpha = tl.zeros([BLOCK_M], dtype=tl.float32)
     p_skip = SKIP + b * stride_sb + h * stride_sh + (start_m * BLOCK_M // SKIP_M) * stride_sm
 
+    lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
+        start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
+        BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+    # as in the forward: whole-visible tiles unmasked, edge tiles masked, one loop each
+    whole, edges = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left,
+                                w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
+                                BLOCK_M, BLOCK_N, IS_LOCAL)
     if HAS_SKIP:
+        # the key tiles the forward kept; local windows: one masked walk over all of them
         row = pid_bh * n_m + pid_m
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, LIST + row.to(tl.int64) * list_len, tl.load(COUNT + row), stride_ks,
-            stride_vs, stride_ds, (0,), (0,), seqlen_k, dist_offset, scale_log2, w_sink,
-            w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL,
-            IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, True, BLOCK_N > SKIP_N, SKIP_N)
+        p_list = LIST + row.to(tl.int64) * list_len
+        n_listed = tl.load(COUNT + row)
+        if IS_LOCAL:
+            whole = ((seqlen_k * 0,), (seqlen_k * 0,))
+            edges = ((seqlen_k * 0,), (seqlen_k,))
     else:
-        lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
-            start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
-            BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
-        # as in the forward: whole-visible tiles unmasked, edge tiles masked, one loop each
-        whole, edges = _mask_stages(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left,
-                                    w_right, w_near, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3,
-                                    BLOCK_M, BLOCK_N, IS_LOCAL)
+        p_list = LIST
+        n_listed = 0
+    for stage in tl.static_range(2):  # whole-visible tiles unmasked, edge tiles masked
         b_dq, b_dalpha = _dq_tiles(
             b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, LIST, 0, stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k,
-            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, False, False, SKIP_N)
-        b_dq, b_dalpha = _dq_tiles(
-            b_dq, b_dalpha, b_q, b_do, b_lse2, b_di, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-            p_skip, LIST, 0, stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k,
-            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, False, False, SKIP_N)
+            p_skip, p_list, n_listed, stride_ks, stride_vs, stride_ds,
+            whole[0] if stage == 0 else edges[0], whole[1] if stage == 0 else edges[1],
+            seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+            HEAD_DIM_PAD, BLOCK_N, stage == 1, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+            HAS_SKIP, HAS_SKIP and BLOCK_N > SKIP_N, SKIP_N)
     tl.store(DQ + b_off64 * stride_dqb + rows[:, None] * stride_dqs + h * stride_dqh
              + o_d[None, :], (b_dq * scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))

@@ -226,6 +226,22 @@ def walk_count(los, his, n_listed, BLOCK: tl.constexpr, LISTED: tl.constexpr):
 
 
 @triton.jit
+def listed_run(p_list, n_listed, lo, hi, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 128):
+    """[first, last): the positions in the ascending tile list p_list[:n_listed] of the tiles
+    that start in [lo, hi) (lo a multiple of BLOCK): one contiguous run of the list, counted
+    CHUNK entries at a time."""
+    first = n_listed * 0
+    last = first
+    for c in range(0, n_listed, CHUNK):
+        o = c + tl.arange(0, CHUNK)
+        ok = o < n_listed
+        start = tl.load(p_list + o, mask=ok, other=0).to(tl.int32) * BLOCK
+        first += tl.sum((ok & (start < lo)).to(tl.int32), 0)
+        last += tl.sum((ok & (start < hi)).to(tl.int32), 0)
+    return first, tl.maximum(first, last)
+
+
+@triton.jit
 def walk_start(t, los, his, hole_lo, hole_hi, p_list, BLOCK: tl.constexpr, HOLE: tl.constexpr,
                LISTED: tl.constexpr):
     """Start of tile t of a walk: BLOCK * p_list[t] (LISTED: tile indices written by a
