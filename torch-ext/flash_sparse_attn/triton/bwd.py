@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LOG2E, gate_2d, gate_grad_2d, listed_run, load_tile, program_tile,
-                     visible_2d, walk_count, walk_start)
+from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
+                     walk_range, walk_start)
 from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
 
 
@@ -180,10 +180,8 @@ def _dkdv_math(
     if MASKED:
         m_vis = visible_2d(o_m[None, :], o_n[:, None], dist_offset, seqlen_k, IS_CAUSAL,
                            IS_LOCAL, w_sink, w_left, w_right, w_near)
-        if COL_SKIP:
-            m_vis = m_vis & b_keep[:, None]
         b_pT = tl.where(m_vis, b_pT, 0.0)
-    elif COL_SKIP:  # a whole-visible tile: only the skipped blocks' keys go
+    if COL_SKIP:
         b_pT = tl.where(b_keep[:, None], b_pT, 0.0)
     b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, b_dv)
     b_dsT = b_pT * (b_dpT - b_di[None, :])
@@ -264,10 +262,7 @@ def _dkdv_tiles(
                 HEAD_DIM_PAD, BLOCK_M, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
                 ATOMIC_DQ, COL_SKIP, SKIP_M, SKIP_N)
     else:
-        if LISTED and len(los) == 1:
-            t_first, t_last = listed_run(p_list, n_listed, los[0], his[0], BLOCK_M)
-        else:
-            t_first, t_last = 0, walk_count(los, his, n_listed, BLOCK_M, LISTED)
+        t_first, t_last = walk_range(los, his, p_list, n_listed, BLOCK_M, LISTED)
         for t in range(t_first, t_last):
             start_m = walk_start(t, los, his, 0, 0, p_list, BLOCK_M, False, LISTED)
             b_dk, b_dv, b_ddelta = _dkdv_tile(
@@ -441,10 +436,8 @@ def _dq_math(
     if MASKED:
         m_vis = visible_2d(o_m[:, None], o_n[None, :], dist_offset, seqlen_k, IS_CAUSAL,
                            IS_LOCAL, w_sink, w_left, w_right, w_near)
-        if COL_SKIP:
-            m_vis = m_vis & b_keep[None, :]
         b_p = tl.where(m_vis, b_p, 0.0)
-    elif COL_SKIP:  # a whole-visible tile: only the skipped blocks' keys go
+    if COL_SKIP:
         b_p = tl.where(b_keep[None, :], b_p, 0.0)
     b_ds = b_p * (b_dp - b_di[:, None])
     b_dq = tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), b_dq)
@@ -499,10 +492,7 @@ def _dq_tiles(
                 scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
                 MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, COL_SKIP, SKIP_N)
     else:
-        if LISTED and len(los) == 1:
-            t_first, t_last = listed_run(p_list, n_listed, los[0], his[0], BLOCK_N)
-        else:
-            t_first, t_last = 0, walk_count(los, his, n_listed, BLOCK_N, LISTED)
+        t_first, t_last = walk_range(los, his, p_list, n_listed, BLOCK_N, LISTED)
         for t in range(t_first, t_last):
             start_n = walk_start(t, los, his, 0, 0, p_list, BLOCK_N, False, LISTED)
             b_dq, b_dalpha = _dq_tile(

@@ -215,30 +215,27 @@ def tile_start(t, los, his, hole_lo, hole_hi, BLOCK: tl.constexpr, HOLE: tl.cons
 
 
 @triton.jit
-def walk_count(los, his, n_listed, BLOCK: tl.constexpr, LISTED: tl.constexpr):
-    """Tiles of a backward walk: n_listed tiles from a list (LISTED), else the union of the
-    ranges [los[r], his[r]) (`tile_count`)."""
+def walk_range(los, his, p_list, n_listed, BLOCK: tl.constexpr, LISTED: tl.constexpr,
+               CHUNK: tl.constexpr = 128):
+    """[first, last) of the tile index t of a backward walk (tile t starts at `walk_start`).
+    LISTED (one range): the positions in the ascending tile list p_list[:n_listed] of the tiles
+    that start in [los[0], his[0]) (los[0] a multiple of BLOCK), one contiguous run of the
+    list, counted CHUNK entries at a time; else 0 and the tiles of the union of the ranges."""
     if LISTED:
-        n = n_listed
+        tl.static_assert(len(los) == 1, "a listed walk covers one range")
+        first = n_listed * 0
+        last = first
+        for c in range(0, n_listed, CHUNK):
+            o = c + tl.arange(0, CHUNK)
+            ok = o < n_listed
+            start = tl.load(p_list + o, mask=ok, other=0).to(tl.int32) * BLOCK
+            first += tl.sum((ok & (start < los[0])).to(tl.int32), 0)
+            last += tl.sum((ok & (start < his[0])).to(tl.int32), 0)
+        last = tl.maximum(first, last)
     else:
-        n = tile_count(los, his, 0, 0, BLOCK, False)
-    return n
-
-
-@triton.jit
-def listed_run(p_list, n_listed, lo, hi, BLOCK: tl.constexpr, CHUNK: tl.constexpr = 128):
-    """[first, last): the positions in the ascending tile list p_list[:n_listed] of the tiles
-    that start in [lo, hi) (lo a multiple of BLOCK): one contiguous run of the list, counted
-    CHUNK entries at a time."""
-    first = n_listed * 0
-    last = first
-    for c in range(0, n_listed, CHUNK):
-        o = c + tl.arange(0, CHUNK)
-        ok = o < n_listed
-        start = tl.load(p_list + o, mask=ok, other=0).to(tl.int32) * BLOCK
-        first += tl.sum((ok & (start < lo)).to(tl.int32), 0)
-        last += tl.sum((ok & (start < hi)).to(tl.int32), 0)
-    return first, tl.maximum(first, last)
+        first = 0
+        last = tile_count(los, his, 0, 0, BLOCK, False)
+    return first, last
 
 
 @triton.jit

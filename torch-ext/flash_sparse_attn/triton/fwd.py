@@ -432,16 +432,16 @@ def _attn_fwd_kernel(
                                 BLOCK_N, IS_LOCAL)
     acc, m_i, l_i, g_ref = _fwd_tiles(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
-        stride_ks,
-        stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset, scale_log2, w_sink,
-        w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-        False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset,
+        scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
+        HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
+        GATE_SKIP, PHASE)
     acc, m_i, l_i, g_ref = _fwd_tiles(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
-        stride_ks,
-        stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset, scale_log2, w_sink,
-        w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-        True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE)
+        stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset,
+        scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
+        HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
+        GATE_SKIP, PHASE)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
