@@ -283,8 +283,8 @@ def test_skip_blocks_forward_backward(reference):
     gen = torch.Generator().manual_seed(8)
     B, Sq, Sk, H, Hkv, D = 1, 140, 150, 2, 1, 8
     t = make_problem(gen, B, Sq, Sk, H, Hkv, D, gated=True)
-    nqb, nkb = -(-Sq // reference.SKIP_BLOCK_M), -(-Sk // reference.SKIP_BLOCK_N)
-    assert (nqb, nkb) == (2, 3)
+    nqb, nkb = -(-Sq // reference.skip_block_m(D)), -(-Sk // reference.SKIP_BLOCK_N)
+    assert (nqb, nkb) == (3, 3)
     skip = torch.ones(B, H, nqb, nkb, dtype=torch.uint8)  # codes: 1 kept, 2/3 skipped
     skip[0, 0, 0, 1] = 2
     skip[0, 1, 1, 0] = 3

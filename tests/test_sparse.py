@@ -46,12 +46,11 @@ def _ref(fsa):
     return importlib.import_module(f"{fsa.__name__}.reference")
 
 
-def _element_mask(skip, sq, sk, base_mask):
+def _element_mask(fsa, skip, sq, sk, head_dim, base_mask):
     """[H, Sq, Sk] mask of the pairs kept by block codes skip[0] ([H, nQB, nKB])."""
-    from math import ceil  # noqa: F401
-
-    rows = torch.arange(sq) // 128
-    cols = torch.arange(sk) // 64
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    rows = torch.arange(sq) // configs.skip_block_m(head_dim)
+    cols = torch.arange(sk) // configs.SKIP_BLOCK_N
     codes = skip[0].cpu()[:, rows][:, :, cols]
     return base_mask.cpu() & (codes < 2)
 
@@ -64,6 +63,7 @@ CASES = [
     (300, 2, 1, 32, True, None, 0.0, True, 0.05, False),
     (300, 4, 2, 32, True, None, 0.5, True, 0.05, True),
     (1300, 2, 1, 32, True, None, 0.0, True, 0.05, False),  # > 16 tiles: several gate chunks
+    (300, 2, 1, 192, True, None, 1.0, True, 0.05, False),  # head dim > 128: 128-row blocks
 ]
 
 
@@ -72,8 +72,13 @@ def _wide_backward_tiles(fsa, monkeypatch):
     whole block row), so a tile can hold a kept and a skipped block."""
     configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
     n2 = 2 * configs.SKIP_BLOCK_N
-    wide = configs.BwdConfig(32, n2, 4, 1, configs.SKIP_BLOCK_M, n2, 4, 1, 32)
-    monkeypatch.setattr(configs, "bwd_config", lambda *a, **k: wide)
+
+    def wide(q, head_dim, *args, **kwargs):
+        # a whole block row per dQ tile, where its shared memory allows (head dim <= 128)
+        bm_dq = configs.skip_block_m(head_dim) if head_dim <= 128 else 32
+        return configs.BwdConfig(32, n2, 4, 1, bm_dq, n2, 4, 1, 32)
+
+    monkeypatch.setattr(configs, "bwd_config", wide)
 
 
 def _mixed_wide_tiles(skip):
@@ -120,7 +125,7 @@ def test_skip_rule_matches_reference(fsa, monkeypatch, s, h, hkv, d, causal, win
 
     # 2. output and gradients against float64 attention over exactly the kept blocks
     base = visible_mask(s, s, causal, None if windows is None else windows.cpu(), h, "cpu")
-    mask = _element_mask(skip, s, s, base).to(device)
+    mask = _element_mask(fsa, skip, s, s, d, base).to(device)
 
     def torch_fn(*t):
         a_, d_ = (t[3], t[4]) if gated else (None, None)
@@ -156,7 +161,7 @@ def test_backward_skips_exactly_the_given_blocks(fsa, gated, wide):
     alpha = (torch.rand(1, h, s, generator=g) + 0.5).to(device, dtype) if gated else None
     delta = torch.randn(1, hkv, s, generator=g).to(device, dtype) if gated else None
     base = visible_mask(s, s, True, None, h, "cpu")
-    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    sm, sn = configs.skip_block_m(d), configs.SKIP_BLOCK_N
     nqb, nkb = -(-s // sm), -(-s // sn)
     seen = base.float()
     seen = torch.nn.functional.pad(seen, (0, nkb * sn - s, 0, nqb * sm - s))
@@ -166,7 +171,7 @@ def test_backward_skips_exactly_the_given_blocks(fsa, gated, wide):
         max=s - 1) // sn)
     skip = torch.where(diag, 1, skip) * seen  # every row keeps its diagonal block
     skip = skip[None].to(device)
-    mask = _element_mask(skip, s, s, base).to(device)
+    mask = _element_mask(fsa, skip, s, s, d, base).to(device)
     if wide:
         assert _mixed_wide_tiles(skip) > 0
 
@@ -200,14 +205,15 @@ def test_backward_skips_exactly_the_given_blocks(fsa, gated, wide):
         assert_close_rule(name, a, r, lo)
 
 
-@pytest.mark.parametrize("bm,bn", [(32, 32), (64, 128), (32, 64), (128, 64), (64, 256)])
-def test_kept_tile_lists_match_the_codes(fsa, bm, bn):
+@pytest.mark.parametrize("sm,bm,bn", [(64, 32, 32), (64, 64, 128), (128, 32, 64), (128, 128, 64),
+                                      (128, 64, 256)])
+def test_kept_tile_lists_match_the_codes(fsa, sm, bm, bn):
     """The backward's visit lists (`_kept_tile_lists`, one kernel) against a plain-Python
     reading of the codes: per key tile the query tiles, per query tile the key tiles, holding a
     kept (code 1) block, ascending; on strided codes, tiles narrower and wider than a block."""
     bwd = importlib.import_module(f"{fsa.__name__}.triton.bwd")
     configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
-    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    sn = configs.SKIP_BLOCK_N
     sq, sk = 700, 1000
     g = torch.Generator().manual_seed(bm + bn)
     full = torch.randint(0, 4, (2, 3, -(-sq // sm), -(-sk // sn) + 2), generator=g,
@@ -220,7 +226,7 @@ def test_kept_tile_lists_match_the_codes(fsa, bm, bn):
         return any(codes[b, h, m * bm // sm, kb] == 1 for kb in blocks)
 
     for by_key in (True, False):
-        lists, counts = bwd._kept_tile_lists(codes.to(DEV[0]), bm, bn, n_m, n_n, by_key)
+        lists, counts = bwd._kept_tile_lists(codes.to(DEV[0]), sm, bm, bn, n_m, n_n, by_key)
         lists, counts = lists.cpu().long(), counts.cpu()
         for b in range(2):
             for h in range(3):
@@ -235,13 +241,13 @@ def test_kept_tile_lists_long_rows(fsa):
     """Rows longer than one chunk of the list kernel (2048 query tiles per key tile)."""
     bwd = importlib.import_module(f"{fsa.__name__}.triton.bwd")
     configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
-    sm, sn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    sm, sn = 128, configs.SKIP_BLOCK_N
     n_m, n_n = 2048, 3
     g = torch.Generator().manual_seed(5)
     shape = (1, 1, n_m * 32 // sm, n_n * 128 // sn)
     codes = torch.randint(0, 4, shape, generator=g, dtype=torch.int8)
     codes[torch.rand(shape, generator=g) < 0.5] = 1  # most rows keep more than 1024 tiles
-    lists, counts = bwd._kept_tile_lists(codes.to(DEV[0]), 32, 128, n_m, n_n, True)
+    lists, counts = bwd._kept_tile_lists(codes.to(DEV[0]), sm, 32, 128, n_m, n_n, True)
     for n in range(n_n):
         block_kept = (codes[0, 0, :, n * 128 // sn:(n + 1) * 128 // sn] == 1).any(1)
         want = [m for m in range(n_m) if block_kept[m * 32 // sm]]
@@ -276,7 +282,7 @@ def test_skip_set_independent_of_launch_config(fsa):
               window_sizes=None, max_seqlen_q=300, max_seqlen_k=300, softmax_scale=32 ** -0.5,
               is_causal=True, softmax_threshold=1.0, gate_threshold=0.05,
               is_logsigmoid_gate=True, is_adapt_gate=False, deterministic=False)
-    bm, bn = configs.SKIP_BLOCK_M, configs.SKIP_BLOCK_N
+    bm, bn = configs.skip_block_m(32), configs.SKIP_BLOCK_N
     _, _, s1 = fwd.launch_attn_fwd(q, k, v, config=configs.Config(bm, bn, 4, 1), **kw)
     _, _, s2 = fwd.launch_attn_fwd(q, k, v, config=configs.Config(bm, bn, 8, 3), **kw)
     assert (s1 >= 2).any()
@@ -293,9 +299,9 @@ def test_reference_gradcheck_with_skips(fsa):
     v = torch.randn(1, s, 1, d, generator=g, dtype=torch.float64, requires_grad=True)
     alpha = torch.randn(1, 2, s, generator=g, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(1, 1, s, generator=g, dtype=torch.float64, requires_grad=True)
-    skip = torch.ones(1, 2, 2, 3, dtype=torch.uint8)
+    skip = torch.ones(1, 2, 3, 3, dtype=torch.uint8)  # 64-row blocks at this head dim
     skip[0, 0, 1, 1] = 2
-    skip[0, 1, 1, 0] = 3
+    skip[0, 1, 2, 0] = 3
 
     def fn(q_, k_, v_, a_, d_):
         return ref.attention_naive(q_, k_, v_, alpha=a_, delta=d_, is_causal=True,

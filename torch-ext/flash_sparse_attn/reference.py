@@ -15,7 +15,7 @@ aligned to the end of the keys (SPEC §3). With `seqused_k`, `Sk` is the number 
 
 Block skipping (SPEC §5, §6) is decided by `_Problem.skip_codes`, block for block as the
 kernels do (README "Sparse and gated skipping" gives the rule), and expressed by `skip`: a uint8
-tensor [B, H, nQB, nKB] over blocks of SKIP_BLOCK_M queries x SKIP_BLOCK_N keys (block
+tensor [B, H, nQB, nKB] over blocks of skip_block_m(D) queries x SKIP_BLOCK_N keys (block
 indices counted from the start of each sequence), codes 0 not visited, 1 kept, 2 skipped by the
 softmax threshold, 3 skipped by the gate threshold; a pair with code >= 2 contributes nothing to
 numerator or denominator.
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .triton.configs import SKIP_BLOCK_M, SKIP_BLOCK_N, skip_shape
+from .triton.configs import SKIP_BLOCK_N, skip_block_m, skip_shape
 
 Tensor = torch.Tensor
 
@@ -167,6 +167,7 @@ class _Problem:
         dt = _compute_dtype(q)
         self.q, self.k, self.v = (_heads_first(t, dt) for t in (q, k, v))  # [H|Hkv, S, D]
         self.heads, self.seqlen_q, self.head_dim = self.q.shape
+        self.skip_m = skip_block_m(self.head_dim)  # query rows of a skip block
         self.kv_heads, self.seqlen_k = self.k.shape[:2]
         self.group = self.heads // self.kv_heads
         self.alpha = alpha.to(dt) if alpha is not None else None  # [H, Sq]
@@ -201,7 +202,7 @@ class _Problem:
         vis = mask_visible(rows, cols, self.seqlen_q, self.seqlen_k, is_causal=self.is_causal,
                            window_sizes=self.window_sizes, num_heads=self.heads)
         if self.skip is not None:
-            skipped = self.skip[:, rows // SKIP_BLOCK_M][:, :, cols // SKIP_BLOCK_N]
+            skipped = self.skip[:, rows // self.skip_m][:, :, cols // SKIP_BLOCK_N]
             vis = vis & (skipped < 2)  # [H, m, n]
         return vis
 
@@ -230,7 +231,7 @@ class _Problem:
     def skip_codes(self, softmax_threshold, gate_threshold, is_adapt_gate):
         """The block-skip decisions of SPEC §5/§6 for this sequence: uint8 [H, nQB, nKB].
 
-        Per query block (SKIP_BLOCK_M rows) and head: anchor key blocks are block 0 and the
+        Per query block (skip_block_m(D) rows) and head: anchor key blocks are block 0 and the
         blocks holding some row's last visible key (causal/local: the diagonal, none when
         near == 0; otherwise the last block). Over the visible keys of the anchors: row max
         m_ref, l_ref = sum exp(s - m_ref), g_ref = max gate. Any other block with a visible
@@ -239,7 +240,7 @@ class _Problem:
         max_block(s) < m_ref + ln(t * l_ref / visible_len). Rows without anchor keys never
         allow a skip.
         """
-        bm, bn = SKIP_BLOCK_M, SKIP_BLOCK_N
+        bm, bn = self.skip_m, SKIP_BLOCK_N
         sq, sk, heads = self.seqlen_q, self.seqlen_k, self.heads
         nqb, nkb = -(-sq // bm), -(-sk // bn)
         codes = torch.zeros((heads, nqb, nkb), dtype=torch.uint8, device=self.q.device)
@@ -483,7 +484,7 @@ def attention_naive(q, k, v, *, alpha=None, delta=None, cu_seqlens_q=None, cu_se
         mask = mask_visible(rows, cols, sq, sk, is_causal=is_causal,
                             window_sizes=window_sizes, num_heads=heads).expand(heads, sq, sk)
         if skip is not None and skip.numel() > 0:
-            blk = skip[b][:, rows // SKIP_BLOCK_M][:, :, cols // SKIP_BLOCK_N]
+            blk = skip[b][:, rows // skip_block_m(q.shape[-1])][:, :, cols // SKIP_BLOCK_N]
             mask = mask & (blk < 2)
         empty = ~mask.any(-1, keepdim=True)  # rows that see no key
         s = torch.where(mask, scale * logits, -math.inf)

@@ -670,14 +670,14 @@ def _kept_tiles_kernel(
     tl.store(COUNT + row, count)
 
 
-def _kept_tile_lists(skip, block_m, block_n, n_m, n_n, by_key):
+def _kept_tile_lists(skip, skip_m, block_m, block_n, n_m, n_n, by_key):
     """Which (query tile, key tile) pairs of a backward launch hold a pair the forward kept,
     as ascending index lists: (LIST, COUNT). by_key (dK/dV): LIST[b, h, key tile, :COUNT[b, h,
     key tile]] are query tiles; else (dQ) LIST[b, h, query tile, :COUNT] are key tiles (entries
     past COUNT are not written).
 
-    `skip` holds the forward's codes per skip block (SKIP_BLOCK_M x SKIP_BLOCK_N, 1 = kept);
-    a tile lies inside one block row (block_m divides SKIP_BLOCK_M) and covers one or more
+    `skip` holds the forward's codes per skip block (skip_m x SKIP_BLOCK_N, 1 = kept);
+    a tile lies inside one block row (block_m divides skip_m) and covers one or more
     blocks, or part of one, of that row. One kernel launch, no host sync (the lists used to
     take ~30 small torch ops, whose launch overhead exceeded the kernels' time at 4k)."""
     batch, heads, _, n_kb = skip.shape
@@ -690,7 +690,7 @@ def _kept_tile_lists(skip, block_m, block_n, n_m, n_n, by_key):
     chunk = min(1024, max(16, triton.next_power_of_2(n_inner)))
     _kept_tiles_kernel[(batch * heads * n_outer,)](
         skip, lists, counts, *skip.stride(), n_outer, n_inner, n_kb, heads,
-        BLOCK_M=block_m, BLOCK_N=block_n, SKIP_M=configs.SKIP_BLOCK_M,
+        BLOCK_M=block_m, BLOCK_N=block_n, SKIP_M=skip_m,
         SKIP_N=configs.SKIP_BLOCK_N, BY_KEY=by_key, CHUNK=chunk, num_warps=4,
     )
     return lists, counts
@@ -756,16 +756,19 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         SKIP=skip if has_skip else dummy,
     )
     stride_s = skip.stride()[:3] if has_skip else (0, 0, 0)
-    flags.update(HAS_SKIP=has_skip, SKIP_M=configs.SKIP_BLOCK_M, SKIP_N=configs.SKIP_BLOCK_N)
+    skip_m = configs.skip_block_m(head_dim)
+    flags.update(HAS_SKIP=has_skip, SKIP_M=skip_m, SKIP_N=configs.SKIP_BLOCK_N)
     scale_log2 = softmax_scale * 1.4426950408889634
     heads_first = int(configs.heads_first("bwd", is_local))
     n_m, n_n = triton.cdiv(seqlen_q, cfg.block_m), triton.cdiv(seqlen_k, cfg.block_n)
     n_m_dq, n_n_dq = triton.cdiv(seqlen_q, cfg.block_m_dq), triton.cdiv(seqlen_k, cfg.block_n_dq)
     if has_skip:
-        configs.check_skip_tiles(cfg)
-        list_kv, count_kv = _kept_tile_lists(skip, cfg.block_m, cfg.block_n, n_m, n_n, True)
-        list_q, count_q = _kept_tile_lists(skip, cfg.block_m_dq, cfg.block_n_dq, n_m_dq,
-                                           n_n_dq, False) if not atomic_dq else (dummy, dummy)
+        configs.check_skip_tiles(cfg, head_dim)
+        list_kv, count_kv = _kept_tile_lists(skip, skip_m, cfg.block_m, cfg.block_n, n_m, n_n,
+                                             True)
+        list_q, count_q = _kept_tile_lists(skip, skip_m, cfg.block_m_dq, cfg.block_n_dq,
+                                           n_m_dq, n_n_dq, False) if not atomic_dq \
+            else (dummy, dummy)
     else:
         list_kv = count_kv = list_q = count_q = dummy
     # dK/dV on a high-priority side stream, the dQ pass on the caller's stream: the two are

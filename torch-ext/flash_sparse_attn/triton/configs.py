@@ -16,10 +16,17 @@ import torch
 import triton
 
 # Block-skip decisions of the sparse and gated variants (SPEC §5, §6) are taken on fixed blocks of
-# SKIP_BLOCK_M queries x SKIP_BLOCK_N keys, whatever tile shape a launch uses, so that the skip
-# set never depends on a launch config, a split count or a GPU.
-SKIP_BLOCK_M = 128
+# skip_block_m(head_dim) queries x SKIP_BLOCK_N keys, whatever tile shape a launch uses, so that
+# the skip set never depends on a launch config, a split count or a GPU.
 SKIP_BLOCK_N = 64
+
+
+def skip_block_m(head_dim: int) -> int:
+    """Query rows of a skip block: 64 for head dims up to 128, 128 above. The forward tests a
+    block as one tile, so this is also its tile height: 64-row tiles skip more (finer blocks)
+    and run two CTAs per SM (H200, 16k, t=1: forward 4.37 -> 4.12 ms, backward 6.25 -> 5.16
+    ms at D=128), while at D=256 a 64-row tile's test costs too much (5.92 -> 8.35 ms)."""
+    return 64 if head_dim_pad(head_dim) <= 128 else 128
 
 
 def cdiv(a, b):
@@ -36,7 +43,8 @@ def skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, has_skip: bool) -
         batch, heads = cu_seqlens_q.shape[0] - 1, q.shape[1]
     else:
         batch, heads = q.shape[0], q.shape[2]
-    return [batch, heads, cdiv(max_seqlen_q, SKIP_BLOCK_M), cdiv(max_seqlen_k, SKIP_BLOCK_N)]
+    return [batch, heads, cdiv(max_seqlen_q, skip_block_m(q.shape[-1])),
+            cdiv(max_seqlen_k, SKIP_BLOCK_N)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,13 +95,17 @@ def _table_lookup(kernel: str, arch: str, key: str, cls=None):
 def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
                has_skip=False) -> Config:
     """Forward tile shape and pipelining for one launch. With block skipping the tile is the
-    skip block (SKIP_BLOCK_M x SKIP_BLOCK_N) whatever the table says."""
+    skip block (skip_block_m x SKIP_BLOCK_N); a table gives only its warps and stages."""
     d = head_dim_pad(head_dim)
     if has_skip:
+        bm = skip_block_m(head_dim)
         if interpreting() or q.device.type == "cpu":
-            return Config(SKIP_BLOCK_M, SKIP_BLOCK_N, 4, 1)
+            return Config(bm, SKIP_BLOCK_N, 4, 1)
         found = _table_lookup("fwd_skip", _arch_key(q), f"d{d}")
-        return found or Config(SKIP_BLOCK_M, SKIP_BLOCK_N, 8, 3 if d <= 128 else 2)
+        if found:
+            return Config(bm, SKIP_BLOCK_N, found.num_warps, found.num_stages)
+        # one warpgroup per 64 rows
+        return Config(bm, SKIP_BLOCK_N, bm // 16, 3 if d <= 128 else 2)
     if interpreting() or q.device.type == "cpu":
         return Config(32, 32, 4, 1)
     # gated: the gate's per-score work changes the best pipelining (table `fwd_gate`)
@@ -125,7 +137,7 @@ class BwdConfig:
 def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
                has_skip=False) -> BwdConfig:
     """Backward tile shapes. With block skipping the query tiles must nest in the skip blocks'
-    rows (block_m divides SKIP_BLOCK_M); key tiles may cover several skip blocks (their
+    rows (block_m divides skip_block_m); key tiles may cover several skip blocks (their
     skipped keys are masked) or part of one. Launch tables, first present wins: `bwd_gate`
     (gated, with or without block skipping), `bwd_skip` (block skipping), `bwd_causal` (causal
     without a local window), `bwd`. Measured on the H200 (bf16, D=128, 16k): the causal
@@ -147,12 +159,13 @@ def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
     return BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
 
 
-def check_skip_tiles(cfg: BwdConfig) -> None:
+def check_skip_tiles(cfg: BwdConfig, head_dim: int) -> None:
     """Tile shapes a backward with block skipping can use (see bwd_config)."""
+    skip_m = skip_block_m(head_dim)
     for bm, bn in ((cfg.block_m, cfg.block_n), (cfg.block_m_dq, cfg.block_n_dq)):
-        if SKIP_BLOCK_M % bm or (bn % SKIP_BLOCK_N and SKIP_BLOCK_N % bn):
+        if skip_m % bm or (bn % SKIP_BLOCK_N and SKIP_BLOCK_N % bn):
             raise ValueError(f"backward tiles {bm}x{bn} do not nest in the "
-                             f"{SKIP_BLOCK_M}x{SKIP_BLOCK_N} skip blocks")
+                             f"{skip_m}x{SKIP_BLOCK_N} skip blocks")
 
 
 def heads_first(kernel: str, is_local: bool) -> bool:
