@@ -24,8 +24,8 @@ SKIP_BLOCK_N = 64
 def skip_block_m(head_dim: int) -> int:
     """Query rows of a skip block: 64 for head dims up to 128, 128 above. The forward tests a
     block as one tile, so this is also its tile height: 64-row tiles skip more (finer blocks)
-    and run two CTAs per SM (H200, 16k, t=1: forward 4.37 -> 4.12 ms, backward 6.25 -> 5.16
-    ms at D=128), while at D=256 a 64-row tile's test costs too much (5.92 -> 8.35 ms)."""
+    and run two CTAs per SM (H200, 16k, t=1, D=128: forward 4.39 -> 4.19 ms, backward 6.44 ->
+    5.29 ms), while at D=256 a 64-row tile's test costs too much (5.92 -> 8.35 ms)."""
     return 64 if head_dim_pad(head_dim) <= 128 else 128
 
 
