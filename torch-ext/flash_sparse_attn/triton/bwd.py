@@ -763,7 +763,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     n_m, n_n = triton.cdiv(seqlen_q, cfg.block_m), triton.cdiv(seqlen_k, cfg.block_n)
     n_m_dq, n_n_dq = triton.cdiv(seqlen_q, cfg.block_m_dq), triton.cdiv(seqlen_k, cfg.block_n_dq)
     if has_skip:
-        configs.check_skip_tiles(cfg, head_dim)
+        configs.check_skip_tiles(cfg, skip_m)
         list_kv, count_kv = _kept_tile_lists(skip, skip_m, cfg.block_m, cfg.block_n, n_m, n_n,
                                              True)
         list_q, count_q = _kept_tile_lists(skip, skip_m, cfg.block_m_dq, cfg.block_n_dq,

@@ -159,9 +159,9 @@ def bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
     return BwdConfig(32, 64, 8, 1, 32, 64, 8, 1)
 
 
-def check_skip_tiles(cfg: BwdConfig, head_dim: int) -> None:
-    """Tile shapes a backward with block skipping can use (see bwd_config)."""
-    skip_m = skip_block_m(head_dim)
+def check_skip_tiles(cfg: BwdConfig, skip_m: int) -> None:
+    """Tile shapes a backward with block skipping can use (see bwd_config); skip_m is the
+    launch's `skip_block_m`."""
     for bm, bn in ((cfg.block_m, cfg.block_n), (cfg.block_m_dq, cfg.block_n_dq)):
         if skip_m % bm or (bn % SKIP_BLOCK_N and SKIP_BLOCK_N % bn):
             raise ValueError(f"backward tiles {bm}x{bn} do not nest in the "
