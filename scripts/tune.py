@@ -129,7 +129,7 @@ def sweep(fsa, d, seqlen, causal=True, b=1, h=32, hkv=8, top=5):
         print(f"  bwd atomic: {type(e).__name__}")
 
     bf = results_f[0][1]
-    return ([bf.block_m, bf.block_n, bf.num_warps, bf.num_stages],
+    return (configs.fwd_path(q, k, v), [bf.block_m, bf.block_n, bf.num_warps, bf.num_stages],
             [best.block_m, best.block_n, best.num_warps, best.num_stages, best.block_m_dq,
              best.block_n_dq, best.num_warps_dq, best.num_stages_dq, best.block_m_pre,
              int(best.atomic_dq)])
@@ -147,9 +147,10 @@ def main():
     entry = table.setdefault(arch, {})
     for d in args.dims:
         # causal and full attention differ in the backward's best tiles (configs.bwd_config)
-        f, b_causal = sweep(fsa, d, args.seqlen, causal=True)
-        _, b = sweep(fsa, d, args.seqlen, causal=False)
-        entry.setdefault("fwd", {})[f"d{d}"] = f
+        path, f, b_causal = sweep(fsa, d, args.seqlen, causal=True)
+        _, _, b = sweep(fsa, d, args.seqlen, causal=False)
+        # the forward's table of the path it ran (configs.fwd_path: "fwd_tma" on Hopper)
+        entry.setdefault("fwd_tma" if path == "tma" else "fwd", {})[f"d{d}"] = f
         entry.setdefault("bwd_causal", {})[f"d{d}"] = b_causal
         entry.setdefault("bwd", {})[f"d{d}"] = b
         print(f"d={d}: fwd {f} bwd causal {b_causal} bwd {b}", flush=True)

@@ -162,13 +162,16 @@ def load_tile(ptrs, row_ok, o_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.conste
 
 @triton.jit
 def accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+                     b_v=None):
     """The online-softmax update (the only copy): rescale the accumulator, add P @ V for the
-    value rows at p_v0 + o_n * stride_vs (decode passes element offsets with stride 1)."""
+    value rows at p_v0 + o_n * stride_vs (decode passes element offsets with stride 1), or for
+    the value tile b_v [N, D] when the caller loaded it (the forward's TMA loads)."""
     b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
-    # [N, D] value tile
-    b_v = load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
-                     n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    if b_v is None:
+        # [N, D] value tile
+        b_v = load_tile(p_v0 + o_n[:, None].to(tl.int64) * stride_vs + o_d[None, :],
+                         n_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     acc = acc * b_r[:, None]
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc)
     return acc, m_i, l_i

@@ -6,6 +6,7 @@ No autotuning happens on a call: configs come from the launch tables in `kernels
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -92,16 +93,57 @@ def _table_lookup(kernel: str, arch: str, key: str, cls=None):
     return (cls or Config)(*entry) if entry else None
 
 
+def _tma_ready(t) -> bool:
+    """A tensor TMA can address: 16-byte aligned base and strides, last dim contiguous."""
+    step = t.element_size()
+    return (t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * step % 16 == 0 for s in t.stride()[:-1]))
+
+
+_FWD_PATH = [None]  # fwd_path_override
+
+
+@contextlib.contextmanager
+def fwd_path_override(path: str | None):
+    """Within this context the forward takes `path` ("tma" or "portable") wherever fwd_path
+    would allow it: benchmarks and tests compare both paths in one process."""
+    if path not in (None, "tma", "portable"):
+        raise ValueError(f"path must be 'tma', 'portable' or None, got {path!r}")
+    old, _FWD_PATH[0] = _FWD_PATH[0], path
+    try:
+        yield
+    finally:
+        _FWD_PATH[0] = old
+
+
+def fwd_path(q, k, v) -> str:
+    """The forward's kernel path, the one place it is chosen: "tma" on Hopper (sm_90: K and V
+    tiles by the tensor memory accelerator, through descriptors, into the same kernel body)
+    when TMA can address K and V, else "portable" (pointer loads: other GPUs, the
+    interpreter, unaligned views)."""
+    if (q.device.type != "cuda" or interpreting() or _FWD_PATH[0] == "portable"
+            or torch.cuda.get_device_capability(q.device)[0] != 9):
+        return "portable"
+    return "tma" if _tma_ready(k) and _tma_ready(v) else "portable"
+
+
 def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
-               has_skip=False) -> Config:
+               has_skip=False, tma=False) -> Config:
     """Forward tile shape and pipelining for one launch. With block skipping the tile is the
-    skip block (skip_block_m x SKIP_BLOCK_N); a table gives only its warps and stages."""
+    skip block (skip_block_m x SKIP_BLOCK_N); a table gives only its warps and stages. The TMA
+    path reads tables `fwd_tma` / `fwd_skip_tma` / `fwd_gate_tma` first."""
     d = head_dim_pad(head_dim)
+    arch = _arch_key(q)
+
+    def lookup(name):
+        return (tma and _table_lookup(name + "_tma", arch, f"d{d}")) or \
+            _table_lookup(name, arch, f"d{d}")
+
     if has_skip:
         bm = skip_block_m(head_dim)
         if interpreting() or q.device.type == "cpu":
             return Config(bm, SKIP_BLOCK_N, 4, 1)
-        found = _table_lookup("fwd_skip", _arch_key(q), f"d{d}")
+        found = lookup("fwd_skip")
         if found:
             return Config(bm, SKIP_BLOCK_N, found.num_warps, found.num_stages)
         # one warpgroup per 64 rows
@@ -109,8 +151,7 @@ def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,
     if interpreting() or q.device.type == "cpu":
         return Config(32, 32, 4, 1)
     # gated: the gate's per-score work changes the best pipelining (table `fwd_gate`)
-    found = (has_gate and _table_lookup("fwd_gate", _arch_key(q), f"d{d}")) or \
-        _table_lookup("fwd", _arch_key(q), f"d{d}")
+    found = (has_gate and lookup("fwd_gate")) or lookup("fwd")
     if found:
         return found
     if d <= 64:

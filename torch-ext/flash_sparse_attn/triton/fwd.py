@@ -9,8 +9,18 @@ Notation
 - Key ranges: a query tile visits only key tiles that may be visible (causal: up to the
   diagonal; local: the sink, the far band and the near band). Tiles that are fully visible for
   every row run without a mask (stage MASKED=False), the others with it.
+- Paths (chosen in `configs.fwd_path`): "portable" loads K/V tiles with pointer loads;
+  "tma" (Hopper) loads them through TMA descriptors `K_DESC`/`V_DESC` over
+  [batch, key, kv head, dim] into shared memory, in the same body (constexpr USE_TMA /
+  TMA_EDGES): same masks, gates, skip rule and codes, and the same launch tables' tile
+  shapes where the TMA tables (`*_tma`) have no entry.
 
 Caution
+- The TMA path is not warp-specialised: Triton 3.6 accepts `tl.range(warp_specialize=True)`
+  on sm_90 but emits the same code as without it (checked on its PTX); a producer warp and
+  ping-pong consumer warpgroups need Gluon.
+- With varlen or seqused_k the masked tiles keep pointer loads (rows past a sequence's end
+  are another sequence's or an unused cache slot's, and may hold any value).
 - Varlen sequences are addressed through cu_seqlens; a program whose query tile starts past
   its sequence returns at once (the grid is sized by max_seqlen_q).
 - Offsets into q/k/v/out are int64 (large caches); per-sequence positions are int32.
@@ -30,15 +40,26 @@ from .common import (LN2, accumulate_tile, gate, gate_2d, load_tile, program_til
 
 
 @triton.jit
-def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-                 dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, HAS_GATE: tl.constexpr,
-                 IS_LOGSIGMOID: tl.constexpr):
+def _tma_tile(desc, kv, start_n, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """[BLOCK_N, HEAD_DIM_PAD] key or value rows [start_n, start_n + BLOCK_N) of one sequence
+    and KV head through a TMA descriptor over [batch, key, kv head, dim]; kv = (batch, first
+    row of the sequence, kv head). Rows and columns past the tensor's end read as zeros."""
+    return desc.load([kv[0], kv[1] + start_n, kv[2], 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+
+
+@triton.jit
+def _tile_scores(b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv,
+                 stride_ks, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+                 HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, TMA: tl.constexpr):
     """Base-2 scores of one tile, masked keys at -inf: ((q.k + g) * scale * log2e)."""
-    # [D, N] transposed key tile
-    b_k = load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
-                     n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    if TMA:
+        b_k = _tma_tile(k_desc, kv, start_n, BLOCK_N, HEAD_DIM_PAD).T
+    else:
+        # [D, N] transposed key tile
+        b_k = load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
+                         n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     b_s = tl.dot(b_q, b_k)  # [M, N] fp32
     if HAS_GATE:
         b_g = gate(b_alpha, b_delta, IS_LOGSIGMOID)
@@ -56,14 +77,18 @@ def _tile_scores(b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, se
 @triton.jit
 def _fwd_tile(
     acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip,
-    stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-    w_near, b_thr, b_gthr,
+    k_desc, v_desc, kv, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
+    w_sink, w_left, w_right, w_near, b_thr, b_gthr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
+    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One key tile [start_n, start_n + BLOCK_N) (see _fwd_tiles)."""
+    """One key tile [start_n, start_n + BLOCK_N) (see _fwd_tiles). TMA: K and V come through
+    the descriptors (Hopper path). Where the softmax test decides, V's copy is issued only for
+    a kept tile: loading it ahead for every tile (pipelined like K) doubles the L2 traffic that
+    a 64-row tile's walk already spends on K, and measured slower (H200, 16k, t=1: 5.04 vs
+    3.69 ms; t=10: 4.62 vs 2.98)."""
     o_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = o_n < seqlen_k
     if HAS_GATE:
@@ -74,32 +99,41 @@ def _fwd_tile(
         b_delta = b_delta.to(tl.float32)
     else:
         b_delta = b_alpha
+    if TMA and not (PHASE == 2 and HAS_THRESHOLD):
+        b_v = _tma_tile(v_desc, kv, start_n, BLOCK_N, HEAD_DIM_PAD)
+    else:
+        b_v = None
     if PHASE == 2:
         # the gate test was passed (`_gate_pass`); the softmax test needs the scores, so the
         # K load stays unconditional (and pipelined); a skip saves the exp, V load and P @ V
         code = start_n * 0 + 1
         b_s, b_g = _tile_scores(
-            b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, stride_ks,
+            seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA)
         if HAS_THRESHOLD:
             b_mx = tl.max(b_s, 1)
             if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
                 code = start_n * 0 + 2
         if code == 1:
-            acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                             stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+            if TMA and HAS_THRESHOLD:
+                acc, m_i, l_i = accumulate_tile(
+                    acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs, HEAD_DIM, HEAD_DIM_PAD,
+                    MASKED, _tma_tile(v_desc, kv, start_n, BLOCK_N, HEAD_DIM_PAD))
+            else:
+                acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
+                                                 stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED, b_v)
         tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
     else:
         b_s, b_g = _tile_scores(
-            b_q, b_alpha, b_delta, o_m, o_n, n_ok, o_d, p_k0, stride_ks, seqlen_k,
-            dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID)
+            b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, stride_ks,
+            seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
+            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA)
         if GATE_SKIP and PHASE == 1:
             g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
                                                       float("-inf")), 1))
         acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                         stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+                                         stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED, b_v)
         if PHASE == 1:
             tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
     return acc, m_i, l_i, g_ref
@@ -140,13 +174,13 @@ def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_h
 
 @triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list, stride_ks,
-    stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right,
-    w_near, b_thr, b_gthr, a_lo, a_hi,
+    acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list, k_desc,
+    v_desc, kv, stride_ks, stride_vs, stride_ds, los, his, seqlen_k, dist_offset, scale_log2,
+    w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr,
+    GATE_SKIP: tl.constexpr, PHASE: tl.constexpr, TMA: tl.constexpr,
 ):
     """Visit the key tiles of the ranges [los[r], his[r]): a plain loop for one range, else
     one walk over their union (`tile_start`), so each mask flavour has one pipelined loop.
@@ -167,10 +201,10 @@ def _fwd_tiles(
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, m_i, l_i, g_ref = _fwd_tile(
                 acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-                p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
-                w_sink, w_left, w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP,
-                PHASE)
+                p_skip, k_desc, v_desc, kv, stride_ks, stride_vs, stride_ds, seqlen_k,
+                dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+                IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE, TMA)
     else:
         if PHASE == 2 and GATE_SKIP:
             n_tiles = _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo,
@@ -182,10 +216,10 @@ def _fwd_tiles(
                                  PHASE == 2 and GATE_SKIP)
             acc, m_i, l_i, g_ref = _fwd_tile(
                 acc, m_i, l_i, g_ref, start_n, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0,
-                p_skip, stride_ks, stride_vs, stride_ds, seqlen_k, dist_offset, scale_log2,
-                w_sink, w_left, w_right, w_near, b_thr, b_gthr, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP,
-                PHASE)
+                p_skip, k_desc, v_desc, kv, stride_ks, stride_vs, stride_ds, seqlen_k,
+                dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+                IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE, TMA)
     return acc, m_i, l_i, g_ref
 
 
@@ -281,7 +315,7 @@ def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_righ
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP, LIST,
+    Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP, LIST, K_DESC, V_DESC,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -298,7 +332,12 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, GATE_SKIP: tl.constexpr, IS_ADAPT_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr = False, TMA_EDGES: tl.constexpr = False,
 ):
+    # USE_TMA (Hopper path, configs.fwd_path): whole tiles load K/V through the descriptors
+    # K_DESC/V_DESC; TMA_EDGES: masked tiles too (not with varlen or seqused_k, where rows
+    # past a sequence's end belong to another sequence or to an unused cache slot, whose
+    # values may be anything: those tiles keep the masked pointer loads)
     # heavy (late, causal) query tiles first
     n_m = tl.cdiv(seqlen_q_fixed, BLOCK_M)
     tile, pid_bh = program_tile(n_m, heads_first)
@@ -347,6 +386,7 @@ def _attn_fwd_kernel(
     b_q = load_tile(p_q, m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     p_k0 = K + b_off.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
     p_v0 = V + b_off.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
+    kv = (b_off, k_start, hk)  # descriptor coordinates of this sequence and KV head
 
     if HAS_GATE:
         b_alpha = tl.load(ALPHA + b_off.to(tl.int64) * stride_ab + h * stride_ah
@@ -388,10 +428,10 @@ def _attn_fwd_kernel(
         hi_a0 = tl.where(tile0 & (a_lo > 0), BLOCK_N, 0)
         acc, m_i, l_i, g_ref = _fwd_tiles(
             acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
-            stride_ks, stride_vs, stride_ds, (0, a_lo), (hi_a0, a_hi), seqlen_k, dist_offset,
-            scale_log2, w_sink, w_left, w_right, w_near, m_i, m_i, a_lo, a_hi,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1)
+            K_DESC, V_DESC, kv, stride_ks, stride_vs, stride_ds, (0, a_lo), (hi_a0, a_hi),
+            seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, m_i, m_i, a_lo,
+            a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
+            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1, TMA_EDGES)
         # thresholds per row; padding rows never block a skip, rows with no anchor key
         # (no reference statistics) always do
         vis = visible_count(o_m, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
@@ -432,16 +472,16 @@ def _attn_fwd_kernel(
                                 BLOCK_N, IS_LOCAL)
     acc, m_i, l_i, g_ref = _fwd_tiles(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
-        stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k, dist_offset,
-        scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
-        HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
-        GATE_SKIP, PHASE)
+        K_DESC, V_DESC, kv, stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k,
+        dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+        HAS_THRESHOLD, GATE_SKIP, PHASE, USE_TMA)
     acc, m_i, l_i, g_ref = _fwd_tiles(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
-        stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k, dist_offset,
-        scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi, HEAD_DIM,
-        HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD,
-        GATE_SKIP, PHASE)
+        K_DESC, V_DESC, kv, stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k,
+        dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
+        HAS_THRESHOLD, GATE_SKIP, PHASE, TMA_EDGES)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
@@ -477,11 +517,25 @@ def _gate_strides(t, is_varlen):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _kv_descriptor(t, is_varlen, block_n, head_dim_pad):
+    """TMA descriptor of keys or values as [batch, key, kv head, dim] (varlen: batch 1 over
+    [total_k, Hkv, D]), one [1, block_n, 1, head_dim_pad] block per load."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if is_varlen:
+        shape = [1, *t.shape]
+        strides = [t.shape[0] * t.stride(0), *t.stride()]
+    else:
+        shape, strides = list(t.shape), list(t.stride())
+    return TensorDescriptor(t, shape, strides, [1, block_n, 1, head_dim_pad])
+
+
 def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
                     window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
                     softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
-                    deterministic, config=None):
-    """`config` overrides the launch config (scripts/tune.py only)."""
+                    deterministic, config=None, path=None):
+    """`config` overrides the launch config (scripts/tune.py only); `path` the kernel path
+    of configs.fwd_path ("tma" or "portable": benchmarks and tests compare both)."""
     is_varlen = cu_seqlens_q is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
@@ -503,10 +557,16 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
 
     has_threshold = softmax_threshold > 0
     gate_skip = alpha is not None and gate_threshold != 0
+    use_tma = (path or configs.fwd_path(q, k, v)) == "tma"
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
                                        window_sizes is not None, alpha is not None,
-                                       has_threshold or gate_skip)
+                                       has_threshold or gate_skip, tma=use_tma)
     head_dim_pad = configs.head_dim_pad(head_dim)
+    if use_tma:
+        k_desc = _kv_descriptor(k, is_varlen, cfg.block_n, head_dim_pad)
+        v_desc = _kv_descriptor(v, is_varlen, cfg.block_n, head_dim_pad)
+    else:
+        k_desc = v_desc = q  # never dereferenced
     is_local = window_sizes is not None
     if is_varlen:
         stride_l = (0, lse.stride(0), lse.stride(1))
@@ -521,6 +581,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         seqused_k if seqused_k is not None else dummy,
         window_sizes if is_local else dummy, skip if skip.numel() else dummy,
         torch.empty(skip.shape, dtype=torch.int32, device=q.device) if gate_skip else dummy,
+        k_desc, v_desc,
         *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
         *_strides3(out, is_varlen), *stride_l,
         *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
@@ -536,6 +597,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         IS_VARLEN=is_varlen, HAS_SEQUSED_K=seqused_k is not None,
         HAS_GATE=alpha is not None, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
         HAS_THRESHOLD=has_threshold, GATE_SKIP=gate_skip, IS_ADAPT_GATE=bool(is_adapt_gate),
+        USE_TMA=use_tma, TMA_EDGES=use_tma and not is_varlen and seqused_k is None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, skip
