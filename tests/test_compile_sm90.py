@@ -62,6 +62,15 @@ FWD_FLAGS = [
     dict(IS_LOCAL=True, WINDOW_PER_QHEAD=True),
     dict(IS_VARLEN=True, HAS_SEQUSED_K=True, HEAD_DIM=80),
 ]
+# the Hopper path (configs.fwd_path "tma"): K/V through TMA descriptors, at the sm90 TMA tables
+FWD_TMA_FLAGS = [
+    dict(BLOCK_N=128),
+    dict(IS_CAUSAL=False, HEAD_DIM=256, BLOCK_N=64),
+    dict(HAS_THRESHOLD=True, BLOCK_M=64),
+    dict(HAS_GATE=True, GATE_SKIP=True, HAS_THRESHOLD=True, IS_ADAPT_GATE=True, BLOCK_M=64),
+    dict(IS_LOCAL=True, WINDOW_PER_QHEAD=True),
+    dict(IS_VARLEN=True, HAS_SEQUSED_K=True, HEAD_DIM=80, TMA_EDGES=False),
+]
 
 
 def compile_all(pkg):
@@ -70,16 +79,24 @@ def compile_all(pkg):
     fwd, bwd, dec, comb = (importlib.import_module(f"{pkg}.triton.{m}")
                            for m in ("fwd", "bwd", "decode", "combine"))
     lines = []
-    for flags in FWD_FLAGS:
+    for flags in FWD_FLAGS + [dict(f, USE_TMA=True) for f in FWD_TMA_FLAGS]:
         consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, IS_CAUSAL=True, IS_LOCAL=False,
                       WINDOW_PER_QHEAD=False, IS_VARLEN=False, HAS_SEQUSED_K=False,
                       HAS_GATE=False, IS_LOGSIGMOID=True, HAS_THRESHOLD=False,
-                      GATE_SKIP=False, IS_ADAPT_GATE=False)
+                      GATE_SKIP=False, IS_ADAPT_GATE=False, USE_TMA=False, TMA_EDGES=False)
+        if flags.get("USE_TMA"):
+            consts["TMA_EDGES"] = True
         consts.update(flags)
-        consts["HEAD_DIM_PAD"] = max(16, 1 << (consts["HEAD_DIM"] - 1).bit_length())
+        consts["HEAD_DIM_PAD"] = dp = max(16, 1 << (consts["HEAD_DIM"] - 1).bit_length())
+        ptrs = {"LIST": "*i32"}
+        if consts["USE_TMA"]:
+            desc = f"tensordesc<bf16[1, {consts['BLOCK_N']}, 1, {dp}]>"
+            ptrs.update(K_DESC=desc, V_DESC=desc)
         k = _compile(fwd._attn_fwd_kernel, consts, num_warps=consts["BLOCK_M"] // 16,
-                     num_stages=3, ptrs={"LIST": "*i32"})
-        lines.append(f"fwd {sorted(flags)} wgmma={'wgmma.mma_async' in k.asm['ptx']}")
+                     num_stages=2 if consts["USE_TMA"] else 3, ptrs=ptrs)
+        tma = "cp.async.bulk.tensor" in k.asm["ptx"]
+        assert tma == consts["USE_TMA"], (flags, tma)
+        lines.append(f"fwd {sorted(flags)} wgmma={'wgmma.mma_async' in k.asm['ptx']} tma={tma}")
     for flags in (dict(), dict(HAS_SKIP=True, HAS_GATE=True), dict(HAS_SKIP=True, BLOCK_N=128),
                   dict(HAS_SKIP=True, SKIP_M=64),
                   dict(IS_LOCAL=True, IS_VARLEN=True),
@@ -144,7 +161,8 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     lines = proc.stdout.strip().splitlines()
     if triton_path == "compat":
         assert lines[0] == "triton 3.6.0", lines[0]
-    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 19, lines
+    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 25, lines
+    assert sum("tma=True" in x for x in lines) == 6, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 3 and "combine ok" in lines, lines
 
