@@ -157,8 +157,18 @@ def plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: str, 
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.set_title(f"{title} {facet}={fv}" if facet else title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_axes(ax)
+    save_figure(fig, path)
+
+
+def finish_axes(ax):
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: Path):
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -187,6 +197,9 @@ def run_attention_benchmark(mode: str, argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "bench_out")
     args = ap.parse_args(argv)
     fsa = load_package()
+    import importlib
+
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
     torch.manual_seed(0)
     rows = []
     only = {}
@@ -205,6 +218,14 @@ def run_attention_benchmark(mode: str, argv=None):
                 v = torch.randn_like(k)
                 impls = {"fsa": (lambda *t: t, lambda q_, k_, v_: fsa.flash_dense_attn_func(
                     q_, k_, v_, is_causal=causal))}
+                if mode == "fwd":
+                    # the portable kernel path next to the one configs.fwd_path picks (TMA on
+                    # Hopper)
+                    def portable(q_, k_, v_):
+                        with configs.fwd_path_override("portable"):
+                            return fsa.flash_dense_attn_func(q_, k_, v_, is_causal=causal)
+
+                    impls["portable"] = (lambda *t: t, portable)
                 for name in args.baselines:
                     if name == "flex" and (d not in args.flex_dims or (
                             args.flex_seqlens is not None and s not in args.flex_seqlens)):
@@ -247,14 +268,15 @@ def run_attention_benchmark(mode: str, argv=None):
     write_csv(args.out / f"benchmark_{mode}.csv", rows)
     long_rows = []
     for r in rows:
-        for name in ("fsa", "cudnn", "flash", "flex"):
+        for name in ("fsa", "portable", "cudnn", "flash", "flex"):
             if r.get(f"{name}_tflops"):
                 long_rows.append({"seqlen": r["seqlen"], "tflops": r[f"{name}_tflops"],
                                   "impl": name, "panel": f"d{r['d']} causal={r['causal']}"})
     plot(args.out / f"benchmark_{mode}.png", long_rows, "seqlen", "tflops", "impl",
          f"{mode} TFLOP/s (bf16, H={args.heads}, Hkv={args.kv_heads})", facet="panel")
-    cols = ["d", "causal", "seqlen", "batch"] + [c for n in ("fsa", "cudnn", "flash", "flex")
-                                                 for c in (f"{n}_tflops",)] + ["fsa_vs_cudnn"]
+    cols = ["d", "causal", "seqlen", "batch"] + \
+        [f"{n}_tflops" for n in ("fsa", "portable", "cudnn", "flash", "flex")] + \
+        ["fsa_vs_cudnn", "portable_vs_cudnn"]
     print_table(rows, cols)
     return rows
 

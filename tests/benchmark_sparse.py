@@ -14,13 +14,15 @@ import argparse
 
 import torch
 
-from bench_utils import ROOT, bench, load_package, plot, print_table, sdpa_impl, write_csv
+from bench_utils import (ROOT, bench, finish_axes, load_package, plot, print_table, save_figure,
+                         sdpa_impl, write_csv)
 
 
-def llm_like(s, h, hkv, d, seed=0, device="cuda"):
+def llm_like(s, h, hkv, d, seed=0, device="cuda", pos_scale=1.2):
     """Attention sinks plus positional locality, as in trained LLMs: queries and keys carry a
     rotary-style positional code (sinusoids over 1 .. 2048 tokens), so q_i.k_j is large for
-    nearby j and small far away; 8 sink keys align with a direction every query shares."""
+    nearby j and small far away; 8 sink keys align with a direction every query shares.
+    `pos_scale` sets the weight of the positional code."""
     import math
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -32,12 +34,28 @@ def llm_like(s, h, hkv, d, seed=0, device="cuda"):
     ang = omega * t + phase  # [S, Hkv, D/2]
     pos = torch.cat([torch.cos(ang), torch.sin(ang)], -1)  # [S, Hkv, D]
     common = torch.randn(hkv, d, device=device, generator=g)
-    q = (1.2 * pos + 0.6 * common).repeat_interleave(group, 1) \
+    q = (pos_scale * pos + 0.6 * common).repeat_interleave(group, 1) \
         + 0.3 * torch.randn(s, h, d, device=device, generator=g)
-    k = 1.2 * pos + 0.3 * torch.randn(s, hkv, d, device=device, generator=g)
+    k = pos_scale * pos + 0.3 * torch.randn(s, hkv, d, device=device, generator=g)
     k[:8] += 1.8 * common
     v = torch.randn(s, hkv, d, device=device, generator=g)
     return [x[None].to(torch.bfloat16).contiguous() for x in (q, k, v)]
+
+
+def mixed_heads(s, h, hkv, d, seed=0):
+    """Half the KV heads (and their query heads) LLM-like, half random, as in trained models
+    where local/sink heads sit beside diffuse ones: t=1 skips about half of what it skips on
+    "llm" (25-40% of the blocks), so a kernel must pay in proportion to what it skips."""
+    q, k, v = llm_like(s, h, hkv, d, seed)
+    rq, rk, rv = random_inputs(s, h, hkv, d, seed + 1)
+    group, half = h // hkv, hkv // 2
+    q[:, :, half * group:] = rq[:, :, half * group:]
+    k[:, :, half:] = rk[:, :, half:]
+    v[:, :, half:] = rv[:, :, half:]
+    return q, k, v
+
+
+INPUTS = {"llm": llm_like, "mixed": mixed_heads}
 
 
 def random_inputs(s, h, hkv, d, seed=0):
@@ -91,8 +109,10 @@ def timed(fn, ins, mode):
     return bench(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True))
 
 
-def add_timings(row, fn, ins, modes, base):
-    """Time fn on ins per mode; add times and ratios to our dense and to cuDNN dense."""
+def add_timings(row, fn, ins, modes, base, portable=None):
+    """Time fn on ins per mode; add times and ratios to our dense and to cuDNN dense.
+    `portable` (a context manager factory): also time the forward on the portable kernel
+    path (configs.fwd_path_override), to compare the Hopper path with it in the same run."""
     for m in modes:
         ms = timed(fn, ins, m)
         row[f"{m}_ms"] = ms
@@ -100,24 +120,56 @@ def add_timings(row, fn, ins, modes, base):
         row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
         row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
         row[f"{m}_vs_dense"] = ms / base[m]["dense"]
+    if portable is not None and "fwd" in modes:
+        with portable():
+            row["fwd_portable_ms"] = timed(fn, ins, "fwd")
+        row["fwd_dense_portable_ms"] = base["fwd"].get("dense_portable")
+
+
+def plot_vs_skipped(path, rows):
+    """Forward time over our dense forward against the skipped fraction, one series per input
+    family, with the line kept + 0.45 * skipped (a skipped block costing 45% of a kept one)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib not available: no plot {path}")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in sorted({r["inputs"] for r in rows}):
+        pts = sorted((r["skipped"], r["fwd_vs_dense"]) for r in rows
+                     if r["inputs"] == kind and r["variant"] == "sparse" and "fwd_vs_dense" in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=kind)
+    ax.plot([0, 1], [1, 0.45], "k--", lw=1, label="kept + 0.45 x skipped")
+    ax.set_xlabel("skipped fraction of visited blocks")
+    ax.set_ylabel("sparse fwd time / our dense fwd time")
+    ax.set_title("sparse forward vs skipped fraction (H200, bf16, D=128)")
+    finish_axes(ax)
+    save_figure(fig, path)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0])
-    ap.add_argument("--inputs", nargs="+", default=["llm", "random"])
+    ap.add_argument("--inputs", nargs="+", default=["llm", "mixed", "random"])
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench_out"))
     args = ap.parse_args()
     fsa = load_package()
+    import importlib
+
+    configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
+    portable = lambda: configs.fwd_path_override("portable")  # noqa: E731
     h, hkv, d = 32, 8, 128
     scale = d ** -0.5
     rows_out = []
     modes = ["fwd"] if args.no_bwd else ["fwd", "bwd"]
     for kind in args.inputs:
         for s in args.seqlens:
-            q, k, v = llm_like(s, h, hkv, d) if kind == "llm" else random_inputs(s, h, hkv, d)
+            q, k, v = INPUTS.get(kind, random_inputs)(s, h, hkv, d)
             sample = torch.randint(0, s, (256,), generator=torch.Generator().manual_seed(1))
             exact = exact_rows(q, k, v, sample.cuda(), scale)
             prep, run = sdpa_impl("cudnn", True)
@@ -127,6 +179,10 @@ def main():
                 base[m]["dense"] = timed(
                     lambda q_, k_, v_: fsa.flash_dense_attn_func(q_, k_, v_, is_causal=True),
                     (q, k, v), m)
+            with portable():
+                base["fwd"]["dense_portable"] = timed(
+                    lambda q_, k_, v_: fsa.flash_dense_attn_func(q_, k_, v_, is_causal=True),
+                    (q, k, v), "fwd")
             dense_out = fsa.flash_dense_attn_func(q, k, v, is_causal=True)
             dense_err = (dense_out[0, sample].double() - exact).abs().max().item()
             for t in args.thresholds:
@@ -140,7 +196,7 @@ def main():
                        "dense_err_vs_exact": dense_err}
                 fn = lambda q_, k_, v_, t=t: fsa.flash_sparse_attn_func(  # noqa: E731
                     q_, k_, v_, is_causal=True, softmax_threshold=t)
-                add_timings(row, fn, (q, k, v), modes, base)
+                add_timings(row, fn, (q, k, v), modes, base, portable)
                 rows_out.append(row)
                 print(row, flush=True)
             if kind == "llm":
@@ -157,7 +213,7 @@ def main():
                            "err_vs_exact": (out[0, sample].double() - ex).abs().max().item()}
                     fn = lambda q_, k_, v_, a_, d_, gt=gt: fsa.flash_gated_attn_func(  # noqa
                         q_, k_, v_, a_, d_, is_causal=True, gate_threshold=gt)
-                    add_timings(row, fn, (q, k, v, alpha, delta), modes, base)
+                    add_timings(row, fn, (q, k, v, alpha, delta), modes, base, portable)
                     rows_out.append(row)
                     print(row, flush=True)
             del q, k, v
@@ -170,7 +226,9 @@ def main():
          [dict(r, series=f"{r['variant']} t={r['threshold']}") for r in rows_out
           if r["inputs"] == "llm"],
          "seqlen", "fwd_speedup_vs_cudnn", "series", "sparse fwd speedup vs cuDNN dense (LLM-like)")
-    cols = ["inputs", "seqlen", "variant", "threshold", "skipped", "err_vs_exact"] + \
+    plot_vs_skipped(out_dir / "benchmark_sparse_skipped.png", rows_out)
+    cols = ["inputs", "seqlen", "variant", "threshold", "skipped", "err_vs_exact",
+            "fwd_dense_ms", "fwd_portable_ms"] + \
         [c for m in modes for c in (f"{m}_ms", f"{m}_cudnn_ms", f"{m}_speedup_vs_cudnn",
                                     f"{m}_vs_dense")]
     print_table(rows_out, cols)
