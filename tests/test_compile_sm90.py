@@ -205,3 +205,50 @@ def test_hot_kernels_keep_their_state_in_registers():
                 assert local == 0, (case, name, loop["ops"], r["spill_bytes"])
         if name.endswith("fwd_kernel"):
             assert r["spill_bytes"] == 0, (case, name, r["spill_bytes"], r["registers"])
+
+
+GLUON_SPIKE = r"""
+import sys, triton
+sys.path.insert(0, {spikes!r})
+import gluon_fwd as G
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+fn = G._gluon_fwd_kernel
+lay = lambda r: gl.NVMMASharedLayout.get_default_for([r, 128], gl.bfloat16)
+sig = dict(q_desc=f"tensordesc<bf16[64, 128],{{lay(64)!r}}>",
+           k_desc=f"tensordesc<bf16[128, 128],{{lay(128)!r}}>",
+           v_desc=f"tensordesc<bf16[128, 128],{{lay(128)!r}}>", o_ptr="*bf16", lse_ptr="*fp32",
+           seqlen="i32", H="i32", GROUP="i32", scale_log2="fp32")
+consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, CAUSAL=True, PIPE={pipe}, CONSUMER_REGS=232)
+sig.update({{k: "constexpr" for k in consts}})
+names = fn.arg_names
+src = GluonASTSource(fn=fn, signature=sig,
+                     constexprs={{(names.index(k),): v for k, v in consts.items()}})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+ptx = k.asm["ptx"]
+print(triton.__version__, "setmaxnreg" in ptx, "wgmma.mma_async" in ptx,
+      "cp.async.bulk.tensor" in ptx, k.metadata.num_warps)
+"""
+
+
+@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize("triton_path", [None, "compat"], ids=["ci-triton", "compat-triton"])
+def test_gluon_spike_compiles_for_sm90(triton_path, pipe):
+    """The Gluon spike of the warp-specialised forward (scripts/spikes/gluon_fwd.py) keeps
+    compiling with both Tritons: producer/consumer partitions (setmaxnreg), wgmma, TMA loads,
+    12 warps (two consumer warpgroups and the producer's)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path == "compat":
+        path = os.environ.get(COMPAT_ENV)
+        if not path:
+            pytest.skip(f"{COMPAT_ENV} is not set (.ci/run installs triton==3.6.0 there)")
+        env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+    spikes = str(Path(__file__).resolve().parent.parent / "scripts" / "spikes")
+    proc = subprocess.run([sys.executable, "-c", GLUON_SPIKE.format(spikes=spikes, pipe=pipe)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    version, *flags, warps = proc.stdout.strip().splitlines()[-1].split()
+    if triton_path == "compat":
+        assert version == "3.6.0"
+    assert flags == ["True", "True", "True"] and warps == "12", proc.stdout
