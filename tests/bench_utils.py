@@ -219,13 +219,14 @@ def run_attention_benchmark(mode: str, argv=None):
                 impls = {"fsa": (lambda *t: t, lambda q_, k_, v_: fsa.flash_dense_attn_func(
                     q_, k_, v_, is_causal=causal))}
                 if mode == "fwd":
-                    # the portable kernel path next to the one configs.fwd_path picks (TMA on
-                    # Hopper)
-                    def portable(q_, k_, v_):
-                        with configs.fwd_path_override("portable"):
-                            return fsa.flash_dense_attn_func(q_, k_, v_, is_causal=causal)
+                    # the other kernel paths next to the one configs.fwd_path picks (on
+                    # Hopper: the Gluon kernel at D = 64 / 128, else the TMA path)
+                    for path in ("tma", "portable"):
+                        def forced(q_, k_, v_, path=path):
+                            with configs.fwd_path_override(path):
+                                return fsa.flash_dense_attn_func(q_, k_, v_, is_causal=causal)
 
-                    impls["portable"] = (lambda *t: t, portable)
+                        impls[path] = (lambda *t: t, forced)
                 for name in args.baselines:
                     if name == "flex" and (d not in args.flex_dims or (
                             args.flex_seqlens is not None and s not in args.flex_seqlens)):
@@ -268,15 +269,15 @@ def run_attention_benchmark(mode: str, argv=None):
     write_csv(args.out / f"benchmark_{mode}.csv", rows)
     long_rows = []
     for r in rows:
-        for name in ("fsa", "portable", "cudnn", "flash", "flex"):
+        for name in ("fsa", "tma", "portable", "cudnn", "flash", "flex"):
             if r.get(f"{name}_tflops"):
                 long_rows.append({"seqlen": r["seqlen"], "tflops": r[f"{name}_tflops"],
                                   "impl": name, "panel": f"d{r['d']} causal={r['causal']}"})
     plot(args.out / f"benchmark_{mode}.png", long_rows, "seqlen", "tflops", "impl",
          f"{mode} TFLOP/s (bf16, H={args.heads}, Hkv={args.kv_heads})", facet="panel")
     cols = ["d", "causal", "seqlen", "batch"] + \
-        [f"{n}_tflops" for n in ("fsa", "portable", "cudnn", "flash", "flex")] + \
-        ["fsa_vs_cudnn", "portable_vs_cudnn"]
+        [f"{n}_tflops" for n in ("fsa", "tma", "portable", "cudnn", "flash", "flex")] + \
+        ["fsa_vs_cudnn", "tma_vs_cudnn", "portable_vs_cudnn"]
     print_table(rows, cols)
     return rows
 

@@ -1,6 +1,7 @@
-"""The forward's kernel paths (SPEC §5.2, `configs.fwd_path`): the Hopper path (K/V through TMA
-descriptors) against float64 and against the portable path on the shapes that hurt, in bf16 on
-an sm_90 GPU; and the dispatch rule itself, which CI checks on the CPU.
+"""The forward's kernel paths (SPEC §5.2, `configs.fwd_path`): on an sm_90 GPU in bf16, the TMA path
+(K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`, dense)
+against float64 and against the portable path on the shapes that hurt; and the dispatch rule
+itself, which CI checks on the CPU.
 
 Ground truth: `reference.attention_forward` in float64 over the blocks the kernel kept; the
 error rule of DESIGN.md against PyTorch's bf16 attention over the same blocks.
@@ -135,6 +136,59 @@ def test_tma_path_varlen_seqused(fsa, t):
     assert err <= 2 * err_p + 1e-5, (err, err_p)
 
 
+HOPPER_CASES = [
+    # b, sq, sk, h, hkv, d, causal, q as a transposed [B, H, S, D] view
+    (1, 1, 1, 1, 1, 64, True, False),
+    (2, 63, 63, 4, 1, 64, True, False),  # MQA
+    (1, 65, 1000, 4, 2, 128, True, False),  # Sq < Sk
+    (1, 1000, 65, 4, 2, 128, True, False),  # Sq > Sk: first rows see nothing
+    (1, 1000, 1000, 8, 2, 128, False, True),
+    (1, 4097, 4097, 4, 1, 128, True, False),
+    (2, 4097, 1000, 4, 4, 64, False, False),
+    (1, 2048, 2048, 8, 2, 128, True, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the Gluon path is the sm_90 path")
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,strided", HOPPER_CASES)
+def test_hopper_path_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, strided):
+    fwd, configs, ref = _mods(fsa)
+    hopper = importlib.import_module(f"{fsa.__name__}.triton.hopper")
+    g = torch.Generator().manual_seed(sq + 3 * d + h)
+    dev, dt = "cuda", torch.bfloat16
+    if strided:
+        q = torch.randn(b, h, sq, d, generator=g).to(dev, dt).transpose(1, 2)
+    else:
+        q = torch.randn(b, sq, h, d, generator=g).to(dev, dt)
+    k = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
+    v = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
+    assert configs.fwd_path(q, k, v, dense=True) == \
+        ("hopper" if d == configs.HOPPER_HEAD_DIM else "tma")
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    lse = torch.full((b, h, sq), float("nan"), device=dev)
+    hopper.launch_attn_fwd_hopper(q, k, v, out, lse, softmax_scale=d ** -0.5, is_causal=causal,
+                                  config=configs.hopper_config(q, d))
+    mask = visible_mask(sq, sk, causal, None, h, dev)
+    ref_out, ref_lse = ref.attention_forward(q.double(), k.double(), v.double(),
+                                             softmax_scale=d ** -0.5, is_causal=causal)
+    lowp = torch_lowp_attention(q, k, v, d ** -0.5, mask)
+    assert_close_rule("out", out, ref_out, lowp)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and not torch.isnan(lse).any()
+    if finite.any():
+        assert (lse.double() - ref_lse)[finite].abs().max().item() < 2e-2
+    # where the public function takes this path, it returns the same bits; and it lands within
+    # rounding of the portable path
+    o_pub = fsa.flash_dense_attn_func(q, k, v, is_causal=causal)
+    with configs.fwd_path_override("portable"):
+        o_port = fsa.flash_dense_attn_func(q, k, v, is_causal=causal)
+    if d == configs.HOPPER_HEAD_DIM:
+        torch.testing.assert_close(o_pub, out, rtol=0, atol=0)
+    assert (out.double() - o_port.double()).abs().max().item() <= \
+        2 * (lowp.double() - ref_out).abs().max().item() + 1e-5
+
+
 def test_fwd_path_dispatch(fsa):
     """CPU tensors and the interpreter take the portable path; the override names a path or
     refuses; TMA needs 16-byte aligned bases and strides (checked on CPU tensors)."""
@@ -143,6 +197,8 @@ def test_fwd_path_dispatch(fsa):
     assert configs.fwd_path(q, q, q) == "portable"
     with configs.fwd_path_override("portable"):
         assert configs.fwd_path(q, q, q) == "portable"
+    with configs.fwd_path_override("hopper"):
+        assert configs.fwd_path(q, q, q, dense=True) == "portable"
     with pytest.raises(ValueError, match="path"):
         with configs.fwd_path_override("fast"):
             pass

@@ -103,12 +103,17 @@ def _tma_ready(t) -> bool:
 _FWD_PATH = [None]  # fwd_path_override
 
 
+FWD_PATHS = ("hopper", "tma", "portable")
+HOPPER_HEAD_DIM = 128  # the head dim fwd_path sends to the "hopper" path
+
+
 @contextlib.contextmanager
 def fwd_path_override(path: str | None):
-    """Within this context the forward takes `path` ("tma" or "portable") wherever fwd_path
-    would allow it: benchmarks and tests compare both paths in one process."""
-    if path not in (None, "tma", "portable"):
-        raise ValueError(f"path must be 'tma', 'portable' or None, got {path!r}")
+    """Within this context the forward takes `path` ("hopper", "tma" or "portable") or, where
+    fwd_path does not allow it, the next one down that list: benchmarks and tests compare the
+    paths in one process."""
+    if path is not None and path not in FWD_PATHS:
+        raise ValueError(f"path must be one of {FWD_PATHS} or None, got {path!r}")
     old, _FWD_PATH[0] = _FWD_PATH[0], path
     try:
         yield
@@ -116,15 +121,33 @@ def fwd_path_override(path: str | None):
         _FWD_PATH[0] = old
 
 
-def fwd_path(q, k, v) -> str:
-    """The forward's kernel path, the one place it is chosen: "tma" on Hopper (sm_90: K and V
-    tiles by the tensor memory accelerator, through descriptors, into the same kernel body)
-    when TMA can address K and V, else "portable" (pointer loads: other GPUs, the
-    interpreter, unaligned views)."""
-    if (q.device.type != "cuda" or interpreting() or _FWD_PATH[0] == "portable"
-            or torch.cuda.get_device_capability(q.device)[0] != 9):
+def fwd_path(q, k, v, dense: bool = False) -> str:
+    """The forward's kernel path, the one place it is chosen, on Hopper (sm_90) when TMA can
+    address the tensors:
+    - "hopper": `triton/hopper.py`, the warp-specialised Gluon kernel, for `dense` calls
+      (batched, no gate, threshold, window or seqused_k) at head dim 128 (the kernel also runs
+      D=64, tested, but measured slower there than "tma": H200, causal, 16k 0.90x vs 0.92x
+      cuDNN, 4k 0.79x vs 0.88x; at D=128 16k 0.96x vs 0.86x, 4k 0.91x vs 0.83x);
+    - "tma": `triton/fwd.py` with K/V tiles through TMA descriptors, every other call;
+    - "portable": `triton/fwd.py` with pointer loads: other GPUs, the interpreter, unaligned
+      views."""
+    forced = _FWD_PATH[0]
+    if (q.device.type != "cuda" or interpreting() or forced == "portable"
+            or torch.cuda.get_device_capability(q.device)[0] != 9
+            or not (_tma_ready(k) and _tma_ready(v))):
         return "portable"
-    return "tma" if _tma_ready(k) and _tma_ready(v) else "portable"
+    if (dense and forced in (None, "hopper") and q.shape[-1] == HOPPER_HEAD_DIM and _tma_ready(q)
+            and q.dtype in (torch.bfloat16, torch.float16)):
+        return "hopper"
+    return "tma"
+
+
+def hopper_config(q, head_dim) -> Config:
+    """Launch config of the "hopper" path: block_m query rows per CTA (two consumer
+    warpgroups of block_m / 2), block_n keys per tile, num_stages K/V buffers (table
+    `fwd_hopper`; num_warps is the default partition's, one warpgroup)."""
+    return _table_lookup("fwd_hopper", _arch_key(q), f"d{head_dim_pad(head_dim)}") or \
+        Config(128, 128, 4, 2)
 
 
 def fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal, is_local, has_gate,

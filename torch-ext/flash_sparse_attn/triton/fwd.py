@@ -535,7 +535,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                     softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
                     deterministic, config=None, path=None):
     """`config` overrides the launch config (scripts/tune.py only); `path` the kernel path
-    of configs.fwd_path ("tma" or "portable": benchmarks and tests compare both)."""
+    of configs.fwd_path ("hopper", "tma" or "portable": tests compare them)."""
     is_varlen = cu_seqlens_q is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
@@ -557,7 +557,17 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
 
     has_threshold = softmax_threshold > 0
     gate_skip = alpha is not None and gate_threshold != 0
-    use_tma = (path or configs.fwd_path(q, k, v)) == "tma"
+    path = path or configs.fwd_path(
+        q, k, v, dense=not (is_varlen or alpha is not None or has_threshold
+                            or window_sizes is not None or seqused_k is not None))
+    if path == "hopper":
+        from .hopper import launch_attn_fwd_hopper
+
+        launch_attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale,
+                               is_causal=is_causal,
+                               config=config or configs.hopper_config(q, head_dim))
+        return out, lse, skip
+    use_tma = path == "tma"
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
                                        window_sizes is not None, alpha is not None,
                                        has_threshold or gate_skip, tma=use_tma)
