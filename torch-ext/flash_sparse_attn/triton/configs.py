@@ -103,6 +103,17 @@ def _tma_ready(t) -> bool:
 _FWD_PATH = [None]  # fwd_path_override
 
 
+@functools.lru_cache(maxsize=None)
+def _has_module(name: str) -> bool:
+    """Whether this Triton ships `name` (TMA descriptors: 3.4+; Gluon's Hopper ops: 3.5+)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 FWD_PATHS = ("hopper", "tma", "portable")
 HOPPER_HEAD_DIM = 128  # the head dim fwd_path sends to the "hopper" path
 
@@ -134,10 +145,12 @@ def fwd_path(q, k, v, dense: bool = False) -> str:
     forced = _FWD_PATH[0]
     if (q.device.type != "cuda" or interpreting() or forced == "portable"
             or torch.cuda.get_device_capability(q.device)[0] != 9
-            or not (_tma_ready(k) and _tma_ready(v))):
+            or not (_tma_ready(k) and _tma_ready(v))
+            or not _has_module("triton.tools.tensor_descriptor")):
         return "portable"
     if (dense and forced in (None, "hopper") and q.shape[-1] == HOPPER_HEAD_DIM and _tma_ready(q)
-            and q.dtype in (torch.bfloat16, torch.float16)):
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and _has_module("triton.experimental.gluon.language.nvidia.hopper")):
         return "hopper"
     return "tma"
 
