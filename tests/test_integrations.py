@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import math
+import os
 
 import pytest
 import torch
@@ -438,3 +440,32 @@ def test_transformers_hub_kernel_cuda_bf16(fsa, bundle_root, monkeypatch):
                         sdpa(ids, attention_mask=m).logits[sel], eps=1e-3)
         gen = ours.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert gen.shape == (2, 29)
+
+
+def test_model_benchmark_runs_on_cpu(bundle_root, tmp_path):
+    """tests/benchmark_model.py --tiny: every attention implementation trains one step of a
+    small Llama with the same weights as SDPA's and lands on SDPA's loss (the gated row
+    computes another function: its loss is only required finite), and the bundle's greedy
+    generation through transformers' hub-kernel path gives SDPA's tokens."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LOCAL_KERNELS"] = f"{REPO_ID}={bundle_root}"
+    script = Path(__file__).resolve().parent / "benchmark_model.py"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--tokens", "96", "--layers",
+                           "2", "--steps", "1", "--generate", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600,
+                          cwd=script.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "benchmark_model.csv")))
+    steps = {r["impl"]: r for r in rows if r["step_ms"]}
+    assert set(steps) == {"sdpa", "hub", "fsa_dense", "fsa_sparse", "fsa_gated"}, steps
+    for impl in ("hub", "fsa_dense", "fsa_sparse"):
+        assert float(steps[impl]["loss_diff_vs_sdpa"]) < 1e-4, steps[impl]
+    assert math.isfinite(float(steps["fsa_gated"]["loss"]))
+    gen = [r for r in rows if r.get("generate_ms")]
+    assert [r["impl"] for r in gen] == ["sdpa", "hub"]
+    assert all(r["same_tokens_as_sdpa"] == "True" for r in gen), gen
