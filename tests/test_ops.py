@@ -49,7 +49,7 @@ def _ops(fsa):
     return importlib.import_module(f"{fsa.__name__}.ops")
 
 
-def _fwd_args(device, dtype, gated=False, varlen=False, s=40):
+def _fwd_args(ops, device, dtype, gated=False, varlen=False, s=40):
     g = torch.Generator().manual_seed(0)
     h, hkv, d = 4, 2, 32
     if varlen:
@@ -59,22 +59,23 @@ def _fwd_args(device, dtype, gated=False, varlen=False, s=40):
         v = torch.randn(s, hkv, d, generator=g).to(device, dtype)
         alpha = torch.randn(h, s, generator=g).to(device, dtype) if gated else None
         delta = torch.randn(hkv, s, generator=g).to(device, dtype) if gated else None
-        return (q, k, v, alpha, delta, cu, cu, None, None, s - 10, s - 10, d ** -0.5, True,
-                0.0, 0.0, True, False, False)
+        return (q, k, v, alpha, delta, cu, cu, None, None,
+                *ops.scalar_args(s - 10, s - 10, d ** -0.5, True, 0.0, 0.0, True, False, False))
     q = torch.randn(2, s, h, d, generator=g).to(device, dtype)
     k = torch.randn(2, s, hkv, d, generator=g).to(device, dtype)
     v = torch.randn(2, s, hkv, d, generator=g).to(device, dtype)
     alpha = torch.randn(2, h, s, generator=g).to(device, dtype) if gated else None
     delta = torch.randn(2, hkv, s, generator=g).to(device, dtype) if gated else None
-    return (q, k, v, alpha, delta, None, None, None, None, s, s, d ** -0.5, True, 0.0,
-            0.0 if not gated else 0.05, True, False, False)
+    return (q, k, v, alpha, delta, None, None, None, None,
+            *ops.scalar_args(s, s, d ** -0.5, True, 0.0, 0.0 if not gated else 0.05, True,
+                             False, False))
 
 
 @pytest.mark.parametrize("kind,device,dtype", PATHS)
 @pytest.mark.parametrize("gated,varlen", [(False, False), (True, False), (False, True)])
 def test_opcheck_fwd(fsa, kind, device, dtype, gated, varlen):
     ops = _ops(fsa)
-    args = _fwd_args(device, dtype, gated, varlen)
+    args = _fwd_args(ops, device, dtype, gated, varlen)
     for i in range(3):
         if args[i] is not None:
             args[i].requires_grad_(True)

@@ -80,9 +80,10 @@ def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_
                                     query.device)
     o, l, skip = ops.attn_fwd(
         query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
-        int(max_seqlen_q), int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
-        bool(is_causal), float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
-        bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
+        *ops.scalar_args(int(max_seqlen_q), int(max_seqlen_k),
+                         _scale(softmax_scale, query.shape[-1]), bool(is_causal),
+                         float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
+                         bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic)),
     )
     return _finish(o, l, out, lse, return_lse, skip if return_skip_mask else None)
 

@@ -48,6 +48,23 @@ def use_triton(t: Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and not _CPU_REFERENCE[0]
 
 
+def scalar_args(max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, softmax_threshold,
+                gate_threshold, is_logsigmoid_gate, is_adapt_gate, deterministic) -> tuple:
+    """The scalar arguments of `fwd` / `bwd`, packed into three lists (ints, floats, bools):
+    each op argument costs host time on every call (torch's custom-op autograd wrapper walks
+    the schema once per argument, so the cost grows with the square of the count)."""
+    return ([max_seqlen_q, max_seqlen_k], [softmax_scale, softmax_threshold, gate_threshold],
+            [is_causal, is_logsigmoid_gate, is_adapt_gate, deterministic])
+
+
+def unpack_scalars(max_seqlens, floats, flags) -> dict:
+    """The keywords of `scalar_args`' lists."""
+    return dict(max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1],
+                softmax_scale=floats[0], softmax_threshold=floats[1], gate_threshold=floats[2],
+                is_causal=flags[0], is_logsigmoid_gate=flags[1], is_adapt_gate=flags[2],
+                deterministic=flags[3])
+
+
 def _lse_shape(q: Tensor, is_varlen: bool) -> list:
     if is_varlen:  # q [total_q, H, D] -> lse [H, total_q]
         return [q.shape[1], q.shape[0]]
@@ -68,27 +85,18 @@ def attn_fwd(
     cu_seqlens_k: Optional[Tensor],
     seqused_k: Optional[Tensor],
     window_sizes: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    is_causal: bool,
-    softmax_threshold: float,
-    gate_threshold: float,
-    is_logsigmoid_gate: bool,
-    is_adapt_gate: bool,
-    deterministic: bool,
+    max_seqlens: list[int],
+    floats: list[float],
+    flags: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, lse, skip). `skip` holds the forward's block-skip decisions (uint8, one
     per (batch, head, query block, key block)); it is empty when nothing can be skipped.
-    `deterministic` only matters to the backward (saved for it)."""
-    args = dict(
-        alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_k=seqused_k, window_sizes=window_sizes, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, is_causal=is_causal,
-        softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
-        is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
-        deterministic=deterministic,
-    )
+    Scalars come packed (`scalar_args`): max_seqlens (q, k), floats (softmax_scale,
+    softmax_threshold, gate_threshold), flags (is_causal, is_logsigmoid_gate, is_adapt_gate,
+    deterministic; `deterministic` only matters to the backward, which gets it saved)."""
+    args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                seqused_k=seqused_k, window_sizes=window_sizes,
+                **unpack_scalars(max_seqlens, floats, flags))
     if use_triton(q):
         from .triton.fwd import launch_attn_fwd
 
@@ -98,16 +106,15 @@ def attn_fwd(
 
 @attn_fwd.register_fake
 def _attn_fwd_fake(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
-                   max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, softmax_threshold,
-                   gate_threshold, is_logsigmoid_gate, is_adapt_gate, deterministic):
+                   max_seqlens, floats, flags):
     is_varlen = cu_seqlens_q is not None
     out = torch.empty_like(q)
     lse = q.new_empty(_lse_shape(q, is_varlen), dtype=torch.float32)
     from .triton.configs import skip_shape
 
     skip = q.new_empty(
-        skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                   softmax_threshold > 0 or alpha is not None),
+        skip_shape(q, k, cu_seqlens_q, max_seqlens[0], max_seqlens[1],
+                   floats[1] > 0 or alpha is not None),
         dtype=torch.uint8,
     )
     return out, lse, skip
@@ -131,24 +138,16 @@ def attn_bwd(
     cu_seqlens_k: Optional[Tensor],
     seqused_k: Optional[Tensor],
     window_sizes: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    is_causal: bool,
-    softmax_threshold: float,
-    gate_threshold: float,
-    is_logsigmoid_gate: bool,
-    is_adapt_gate: bool,
-    deterministic: bool,
+    max_seqlens: list[int],
+    floats: list[float],
+    flags: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dalpha, ddelta); dalpha/ddelta are empty without gates."""
-    args = dict(
-        alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        seqused_k=seqused_k, window_sizes=window_sizes, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, is_causal=is_causal,
-        softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
-        is_logsigmoid_gate=is_logsigmoid_gate, is_adapt_gate=is_adapt_gate,
-    )
+    """Returns (dq, dk, dv, dalpha, ddelta); dalpha/ddelta are empty without gates. Scalars
+    packed as for `fwd`."""
+    args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                seqused_k=seqused_k, window_sizes=window_sizes,
+                **unpack_scalars(max_seqlens, floats, flags))
+    deterministic = args.pop("deterministic")
     if use_triton(q):
         from .triton.bwd import launch_attn_bwd
 
@@ -165,21 +164,12 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, skip, alpha, delta, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalpha, ddelta
 
 
-_FWD_ARG_NAMES = (
-    "q", "k", "v", "alpha", "delta", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "window_sizes",
-    "max_seqlen_q", "max_seqlen_k", "softmax_scale", "is_causal", "softmax_threshold",
-    "gate_threshold", "is_logsigmoid_gate", "is_adapt_gate", "deterministic",
-)
-
-
 def _fwd_setup_context(ctx, inputs, output):
-    named = dict(zip(_FWD_ARG_NAMES, inputs))
+    # inputs: q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
+    # max_seqlens, floats, flags
     out, lse, skip = output
-    ctx.save_for_backward(
-        named["q"], named["k"], named["v"], out, lse, skip, named["alpha"], named["delta"],
-        named["cu_seqlens_q"], named["cu_seqlens_k"], named["seqused_k"], named["window_sizes"],
-    )
-    ctx.scalars = {n: named[n] for n in _FWD_ARG_NAMES[9:]}
+    ctx.save_for_backward(*inputs[:3], out, lse, skip, *inputs[3:9])
+    ctx.scalars = inputs[9:]
 
 
 def _fwd_backward(ctx, dout, dlse, dskip):
@@ -187,14 +177,10 @@ def _fwd_backward(ctx, dout, dlse, dskip):
      window_sizes) = ctx.saved_tensors
     dq, dk, dv, dalpha, ddelta = attn_bwd(
         dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, skip, alpha,
-        delta, cu_q, cu_k, seqused_k, window_sizes, **ctx.scalars,
+        delta, cu_q, cu_k, seqused_k, window_sizes, *ctx.scalars,
     )
-    return (
-        dq, dk, dv,
-        dalpha if alpha is not None else None,
-        ddelta if delta is not None else None,
-        None, None, None, None, None, None, None, None, None, None, None, None, None,
-    )
+    return (dq, dk, dv, dalpha if alpha is not None else None,
+            ddelta if delta is not None else None, None, None, None, None, None, None, None)
 
 
 attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
