@@ -104,6 +104,11 @@ _FWD_PATH = [None]  # fwd_path_override
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
 def _has_module(name: str) -> bool:
     """Whether this Triton ships `name` (TMA descriptors: 3.4+; Gluon's Hopper ops: 3.5+)."""
     import importlib.util
@@ -144,7 +149,8 @@ def fwd_path(q, k, v, dense: bool = False) -> str:
       views."""
     forced = _FWD_PATH[0]
     if (q.device.type != "cuda" or interpreting() or forced == "portable"
-            or torch.cuda.get_device_capability(q.device)[0] != 9
+            or _capability(q.device.index if q.device.index is not None
+                           else torch.cuda.current_device())[0] != 9
             or not (_tma_ready(k) and _tma_ready(v))
             or not _has_module("triton.tools.tensor_descriptor")):
         return "portable"
