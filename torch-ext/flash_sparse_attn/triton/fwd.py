@@ -557,15 +557,17 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
 
     has_threshold = softmax_threshold > 0
     gate_skip = alpha is not None and gate_threshold != 0
+    # an explicit `config` is a tile shape of this file's kernel (tune.py sweeps it): it never
+    # goes to the Gluon kernel, whose shapes are its own (configs.hopper_config)
     path = path or configs.fwd_path(
-        q, k, v, dense=not (is_varlen or alpha is not None or has_threshold
-                            or window_sizes is not None or seqused_k is not None))
+        q, k, v, dense=config is None and not (
+            is_varlen or alpha is not None or has_threshold or window_sizes is not None
+            or seqused_k is not None))
     if path == "hopper":
         from .hopper import launch_attn_fwd_hopper
 
         launch_attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale,
-                               is_causal=is_causal,
-                               config=config or configs.hopper_config(q, head_dim))
+                               is_causal=is_causal, config=configs.hopper_config(q, head_dim))
         return out, lse, skip
     use_tma = path == "tma"
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
