@@ -109,10 +109,10 @@ def timed(fn, ins, mode):
     return bench(lambda: torch.autograd.grad(out, leaves, g, retain_graph=True))
 
 
-def add_timings(row, fn, ins, modes, base, portable=None):
+def add_timings(row, fn, ins, modes, base, paths=None):
     """Time fn on ins per mode; add times and ratios to our dense and to cuDNN dense.
-    `portable` (a context manager factory): also time the forward on the portable kernel
-    path (configs.fwd_path_override), to compare the Hopper path with it in the same run."""
+    `paths` ({name: context manager factory}): also time the forward on those kernel paths
+    (configs.fwd_path_override), to compare the path taken with them in the same run."""
     for m in modes:
         ms = timed(fn, ins, m)
         row[f"{m}_ms"] = ms
@@ -120,9 +120,11 @@ def add_timings(row, fn, ins, modes, base, portable=None):
         row[f"{m}_cudnn_ms"] = base[m]["cudnn"]
         row[f"{m}_speedup_vs_cudnn"] = base[m]["cudnn"] / ms
         row[f"{m}_vs_dense"] = ms / base[m]["dense"]
-    if portable is not None and "fwd" in modes:
-        with portable():
-            row["fwd_portable_ms"] = timed(fn, ins, "fwd")
+    for name, ctx in (paths or {}).items():
+        if "fwd" in modes:
+            with ctx():
+                row[f"fwd_{name}_ms"] = timed(fn, ins, "fwd")
+    if paths:
         row["fwd_dense_portable_ms"] = base["fwd"].get("dense_portable")
 
 
@@ -163,6 +165,7 @@ def main():
 
     configs = importlib.import_module(f"{fsa.__name__}.triton.configs")
     portable = lambda: configs.fwd_path_override("portable")  # noqa: E731
+    paths = {"tma": lambda: configs.fwd_path_override("tma"), "portable": portable}
     h, hkv, d = 32, 8, 128
     scale = d ** -0.5
     rows_out = []
@@ -196,7 +199,7 @@ def main():
                        "dense_err_vs_exact": dense_err}
                 fn = lambda q_, k_, v_, t=t: fsa.flash_sparse_attn_func(  # noqa: E731
                     q_, k_, v_, is_causal=True, softmax_threshold=t)
-                add_timings(row, fn, (q, k, v), modes, base, portable)
+                add_timings(row, fn, (q, k, v), modes, base, paths)
                 rows_out.append(row)
                 print(row, flush=True)
             if kind == "llm":
@@ -213,7 +216,7 @@ def main():
                            "err_vs_exact": (out[0, sample].double() - ex).abs().max().item()}
                     fn = lambda q_, k_, v_, a_, d_, gt=gt: fsa.flash_gated_attn_func(  # noqa
                         q_, k_, v_, a_, d_, is_causal=True, gate_threshold=gt)
-                    add_timings(row, fn, (q, k, v, alpha, delta), modes, base, portable)
+                    add_timings(row, fn, (q, k, v, alpha, delta), modes, base, paths)
                     rows_out.append(row)
                     print(row, flush=True)
             del q, k, v
@@ -228,7 +231,7 @@ def main():
          "seqlen", "fwd_speedup_vs_cudnn", "series", "sparse fwd speedup vs cuDNN dense (LLM-like)")
     plot_vs_skipped(out_dir / "benchmark_sparse_skipped.png", rows_out)
     cols = ["inputs", "seqlen", "variant", "threshold", "skipped", "err_vs_exact",
-            "fwd_dense_ms", "fwd_portable_ms"] + \
+            "fwd_dense_ms", "fwd_tma_ms", "fwd_portable_ms"] + \
         [c for m in modes for c in (f"{m}_ms", f"{m}_cudnn_ms", f"{m}_speedup_vs_cudnn",
                                     f"{m}_vs_dense")]
     print_table(rows_out, cols)

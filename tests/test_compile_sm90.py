@@ -134,7 +134,7 @@ def compile_all(pkg):
 
 
 def compile_hopper(pkg):
-    """The Gluon forward (triton/hopper.py) at both head dims it serves."""
+    """The Gluon forward (triton/hopper.py): dense at both head dims it runs, and sparse."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     import triton
@@ -142,21 +142,22 @@ def compile_hopper(pkg):
 
     fn = importlib.import_module(f"{pkg}.triton.hopper")._attn_fwd_hopper_kernel
     lines = []
-    for d, causal in ((128, True), (64, False)):
+    for d, causal, sparse in ((128, True, False), (64, False, False), (128, True, True)):
         def desc(rows):
             lay = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
             return f"tensordesc<bf16[1, {rows}, 1, {d}],{lay!r}>"
 
         sig = dict(q_desc=desc(64), k_desc=desc(128), v_desc=desc(128), O="*bf16", LSE="*fp32",
-                   scale_log2="fp32")
-        consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=causal, CONSUMER_REGS=232)
+                   SKIP="*u8", scale_log2="fp32", softmax_threshold="fp32")
+        consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=causal, SPARSE=sparse,
+                      CONSUMER_REGS=232)
         for n in fn.arg_names:
             sig.setdefault(n, "constexpr" if n in consts else "i32")
         src = GluonASTSource(fn=fn, signature=sig, constexprs={
             (fn.arg_names.index(k),): v for k, v in consts.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
         ptx = k.asm["ptx"]
-        lines.append(f"hopper d{d} causal={causal} setmaxnreg={'setmaxnreg' in ptx} "
+        lines.append(f"hopper d{d} causal={causal} sparse={sparse} setmaxnreg={'setmaxnreg' in ptx} "
                      f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
                      f"warps={k.metadata.num_warps}")
     return lines
@@ -196,7 +197,7 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 3 and "combine ok" in lines, lines
     hopper = [x for x in lines if x.startswith("hopper")]
-    assert len(hopper) == 2 and all("setmaxnreg=True" in x and "tma=True" in x and
+    assert len(hopper) == 3 and all("setmaxnreg=True" in x and "tma=True" in x and
                                     x.endswith("warps=12") for x in hopper), hopper
 
 

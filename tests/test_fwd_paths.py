@@ -1,5 +1,6 @@
 """The forward's kernel paths (SPEC §5.2, `configs.fwd_path`): on an sm_90 GPU in bf16, the TMA path
-(K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`, dense)
+(K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`, dense and
+sparse)
 against float64 and against the portable path on the shapes that hurt; and the dispatch rule
 itself, which CI checks on the CPU.
 
@@ -54,12 +55,49 @@ def _element_mask(codes, configs, d, base):
 @pytest.mark.skipif(not _hopper(), reason="the TMA path is the sm_90 path")
 @pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,win,t,gated", CASES)
 def test_tma_path_matches_float64_and_portable(fsa, b, sq, sk, h, hkv, d, causal, win, t, gated):
+    _check_path(fsa, "tma", b, sq, sk, h, hkv, d, causal, win, t, gated, local=False)
+
+
+SPARSE_HOPPER_CASES = [
+    # b, sq, sk, h, hkv, causal, threshold, local (keys near the query's position dominate),
+    # and whether these inputs skip blocks
+    (1, 63, 63, 4, 1, True, 1.0, False, False),  # the CTA's second row block is past Sq
+    (1, 65, 1000, 4, 2, True, 1.0, True, True),  # Sq < Sk
+    (1, 1000, 65, 4, 2, True, 1.0, True, False),  # Sq > Sk: first rows see nothing
+    (2, 1000, 1000, 8, 2, False, 1.0, True, False),
+    (1, 4097, 4097, 4, 1, True, 1.0, True, True),
+    (1, 2048, 2048, 8, 2, True, 10.0, True, True),
+    (1, 2048, 2048, 8, 2, True, 1.0, False, False),  # random: nothing to skip
+    (1, 3000, 1000, 4, 4, False, 10.0, True, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the Gluon path is the sm_90 path")
+@pytest.mark.parametrize("b,sq,sk,h,hkv,causal,t,local,skips", SPARSE_HOPPER_CASES)
+def test_hopper_sparse_matches_float64_and_portable(fsa, b, sq, sk, h, hkv, causal, t, local,
+                                                    skips):
+    """The Gluon kernel's sparse forward (two 64-key skip blocks per 128-key tile, the test a
+    warpgroup-wide OR) against float64 over the blocks it kept, its skip codes against the
+    portable kernel's (SPEC §5.2), and the public function taking it."""
+    _, configs, _ = _mods(fsa)
+    _check_path(fsa, "hopper", b, sq, sk, h, hkv, configs.HOPPER_HEAD_DIM, causal, None, t,
+                False, local, skips)
+
+
+def _check_path(fsa, path, b, sq, sk, h, hkv, d, causal, win, t, gated, local, skips=None):
     fwd, configs, ref = _mods(fsa)
     g = torch.Generator().manual_seed(sq * 7 + d)
     dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(b, sq, h, d, generator=g).to(dev, dt)
-    k = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
+    k = torch.randn(b, sk, hkv, d, generator=g)
     v = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
+    if local:  # each query close to the key at its own position: far blocks can be skipped
+        pos = (torch.arange(sq) + sk - sq).clamp(0, sk - 1)
+        q = k[:, pos].repeat_interleave(h // hkv, 2) + torch.randn(b, sq, h, d, generator=g)
+        q = q.to(dev, dt)
+    else:
+        q = torch.randn(b, sq, h, d, generator=g).to(dev, dt)
+    k = k.to(dev, dt)
     alpha = delta = None
     if gated:  # strided views; a stretch of closed keys for the gate test
         alpha = (1 + torch.rand(b, sq, h, generator=g)).to(dev, dt).transpose(1, 2)
@@ -67,12 +105,12 @@ def test_tma_path_matches_float64_and_portable(fsa, b, sq, sk, h, hkv, d, causal
         dl[:, 64:256] -= 120.0
         delta = dl.to(dev, dt).transpose(1, 2)
     windows = None if win is None else torch.tensor([win] * hkv, dtype=torch.int32, device=dev)
-    assert configs.fwd_path(q, k, v) == "tma"
+    assert configs.fwd_path(q, k, v, hopper_covers=path == "hopper") == path
     kw = dict(alpha=alpha, delta=delta, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
               window_sizes=windows, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=d ** -0.5,
               is_causal=causal, softmax_threshold=t, gate_threshold=-1.0 if gated else 0.0,
               is_logsigmoid_gate=True, is_adapt_gate=False, deterministic=False)
-    out, lse, skip = fwd.launch_attn_fwd(q, k, v, path="tma", **kw)
+    out, lse, skip = fwd.launch_attn_fwd(q, k, v, path=path, **kw)
     out_p, lse_p, skip_p = fwd.launch_attn_fwd(q, k, v, path="portable", **kw)
     # SPEC §5.2: the two paths may disagree only on blocks within fp32 rounding of the threshold
     differ = (skip != skip_p).sum().item()
@@ -96,8 +134,15 @@ def test_tma_path_matches_float64_and_portable(fsa, b, sq, sk, h, hkv, d, causal
     assert torch.equal(torch.isfinite(lse), finite)
     if finite.any():
         assert (lse.double() - ref_lse)[finite].abs().max().item() < 2e-2
-    if differ == 0:  # same blocks, same tile order: the two paths compute the same numbers
+    if path == "tma" and differ == 0:  # same blocks, same tile order: the same numbers
         torch.testing.assert_close(out, out_p, rtol=0, atol=0)
+    if path == "hopper":
+        kept = (skip == 1).sum().item()
+        print(f"blocks kept {kept}, skipped {(skip == 2).sum().item()}")
+        assert kept > 0 and (skip == 2).any().item() == skips
+        # the public function takes this path and returns the same bits
+        o_pub = fsa.flash_sparse_attn_func(q, k, v, is_causal=causal, softmax_threshold=t)
+        torch.testing.assert_close(o_pub, out, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -163,7 +208,7 @@ def test_hopper_path_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, strided)
         q = torch.randn(b, sq, h, d, generator=g).to(dev, dt)
     k = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
     v = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
-    assert configs.fwd_path(q, k, v, dense=True) == \
+    assert configs.fwd_path(q, k, v, hopper_covers=True) == \
         ("hopper" if d == configs.HOPPER_HEAD_DIM else "tma")
     out = torch.full_like(q, float("nan"))  # every element must be written
     lse = torch.full((b, h, sq), float("nan"), device=dev)
@@ -198,7 +243,7 @@ def test_fwd_path_dispatch(fsa):
     with configs.fwd_path_override("portable"):
         assert configs.fwd_path(q, q, q) == "portable"
     with configs.fwd_path_override("hopper"):
-        assert configs.fwd_path(q, q, q, dense=True) == "portable"
+        assert configs.fwd_path(q, q, q, hopper_covers=True) == "portable"
     with pytest.raises(ValueError, match="path"):
         with configs.fwd_path_override("fast"):
             pass

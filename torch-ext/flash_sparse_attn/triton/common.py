@@ -83,7 +83,7 @@ def visible_count(i, dist_offset, seqlen_k, IS_CAUSAL: tl.constexpr, IS_LOCAL: t
         return n_cnt + f_cnt + s_cnt - s_and_n - s_and_f
     if IS_CAUSAL:
         return tl.minimum(tl.maximum(e + 1, 0), seqlen_k)
-    return tl.zeros_like(i) + seqlen_k
+    return i * 0 + seqlen_k  # (not zeros_like: Gluon callers need the layout of i)
 
 
 @triton.jit

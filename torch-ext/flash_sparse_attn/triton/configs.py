@@ -137,13 +137,15 @@ def fwd_path_override(path: str | None):
         _FWD_PATH[0] = old
 
 
-def fwd_path(q, k, v, dense: bool = False) -> str:
+def fwd_path(q, k, v, hopper_covers: bool = False) -> str:
     """The forward's kernel path, the one place it is chosen, on Hopper (sm_90) when TMA can
     address the tensors:
-    - "hopper": `triton/hopper.py`, the warp-specialised Gluon kernel, for `dense` calls
-      (batched, no gate, threshold, window or seqused_k) at head dim 128 (the kernel also runs
+    - "hopper": `triton/hopper.py`, the warp-specialised Gluon kernel, for the calls it covers
+      (`hopper_covers`: batched, no gate, window or seqused_k; dense or sparse, SPEC §5) at head
+      dim 128 (the kernel also runs
       D=64, tested, but measured slower there than "tma": H200, causal, 16k 0.90x vs 0.92x
-      cuDNN, 4k 0.79x vs 0.88x; at D=128 16k 0.96x vs 0.86x, 4k 0.91x vs 0.83x);
+      cuDNN, 4k 0.79x vs 0.88x; at D=128 16k 0.96x vs 0.86x, 4k 0.91x vs 0.83x; sparse t=1 at
+      16k: LLM-like 3.13 vs 3.69 ms, random 4.60 vs 5.72);
     - "tma": `triton/fwd.py` with K/V tiles through TMA descriptors, every other call;
     - "portable": `triton/fwd.py` with pointer loads: other GPUs, the interpreter, unaligned
       views."""
@@ -154,7 +156,7 @@ def fwd_path(q, k, v, dense: bool = False) -> str:
             or not (_tma_ready(k) and _tma_ready(v))
             or not _has_module("triton.tools.tensor_descriptor")):
         return "portable"
-    if (dense and forced in (None, "hopper") and q.shape[-1] == HOPPER_HEAD_DIM and _tma_ready(q)
+    if (hopper_covers and forced in (None, "hopper") and q.shape[-1] == HOPPER_HEAD_DIM and _tma_ready(q)
             and q.dtype in (torch.bfloat16, torch.float16)
             and _has_module("triton.experimental.gluon.language.nvidia.hopper")):
         return "hopper"

@@ -560,14 +560,16 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     # an explicit `config` is a tile shape of this file's kernel (tune.py sweeps it): it never
     # goes to the Gluon kernel, whose shapes are its own (configs.hopper_config)
     path = path or configs.fwd_path(
-        q, k, v, dense=config is None and not (
-            is_varlen or alpha is not None or has_threshold or window_sizes is not None
+        q, k, v, hopper_covers=config is None and not (
+            is_varlen or alpha is not None or window_sizes is not None
             or seqused_k is not None))
     if path == "hopper":
         from .hopper import launch_attn_fwd_hopper
 
         launch_attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale,
-                               is_causal=is_causal, config=configs.hopper_config(q, head_dim))
+                               is_causal=is_causal, config=configs.hopper_config(q, head_dim),
+                               softmax_threshold=softmax_threshold if has_threshold else 0.0,
+                               skip=skip if has_threshold else None)
         return out, lse, skip
     use_tma = path == "tma"
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,

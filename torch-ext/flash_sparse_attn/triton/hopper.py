@@ -1,4 +1,4 @@
-"""Hopper (sm_90) dense forward, warp-specialised, written in Gluon.
+"""Hopper (sm_90) forward, warp-specialised, written in Gluon: dense and sparse (SPEC §5).
 
 Notation
 - A CTA owns 2 * BLOCK_M query rows of one (batch, query head): two consumer warpgroups of
@@ -11,16 +11,24 @@ Notation
 - Each consumer runs the online softmax of its own 64 rows with wgmma (`S = Q.K^T` from shared
   memory, `acc += P.V` with P in registers). The two consumers' instruction streams are
   independent, so one's softmax overlaps the other's tensor-core work.
-- Masks and the online-softmax step are the portable family's (`common.visible`,
-  `common.online_softmax_step`), called from Gluon: one copy of each.
+- Sparse (`SPARSE`, softmax_threshold > 0): a warpgroup's 64 rows are exactly one row of skip
+  blocks (configs.skip_block_m(128) = 64) and a 128-key tile two skip blocks of 64 keys, so a
+  block's decision involves one warpgroup only (no CTA barrier). The tile stream is phase 1, the
+  anchor tiles of both row blocks (key block 0 and the diagonal blocks, `_stream`), then
+  phase 2, every visible tile again, with anchor halves left out: the rule, the thresholds and
+  the skip codes are `fwd.py`'s, block for block, so the backward reads the same codes.
+- Masks, the visible-key count and the online-softmax step are the portable family's
+  (`common.visible`, `common.visible_count`, `common.online_softmax_step`), called from Gluon:
+  one copy of each.
 
 Caution
-- Dense, batched attention only (no gate, threshold, window, varlen or seqused_k), head dims 64
-  and 128 (a power of two up to 128: the accumulator is one register tile per warpgroup);
-  `configs.fwd_path` sends it D=128 only (D=64 measured faster on the TMA path of `fwd.py`)
-  and everything else to that TMA path.
+- Batched attention only (no gate, window, varlen or seqused_k), head dims 64 and 128 (a power
+  of two up to 128: the accumulator is one register tile per warpgroup); `configs.fwd_path`
+  sends it D=128 only (D=64 measured faster on the TMA path of `fwd.py`) and everything else
+  to that TMA path. Sparse needs BLOCK_M = 64 and BLOCK_N = 128 (two skip blocks).
 - Q/K/V rows past the tensors' ends read as zeros (TMA); rows past Sq are not stored.
 - A row with no visible key (Sq > Sk, causal) gets out 0 and lse -inf, as in `fwd.py`.
+- Sparse revisits the anchor tiles in phase 2 (their Q.K^T twice): about two tiles per CTA.
 - Triton 3.6 names the TMA load `async_copy_global_to_shared`, later releases `async_load`.
 """
 
@@ -34,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import LN2, online_softmax_step, visible
+from .common import LN2, online_softmax_step, safe_max, visible, visible_count
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -52,35 +60,238 @@ def _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.conste
 
 
 @gluon.jit
+def _row_block(first, seqlen_q, seqlen_k, SKIP_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """The skip rule's keys for the 64-row block of queries [first, first + 64), as in
+    `fwd.py`: (hi, a_lo, a_hi), keys [0, hi) hold every key some row sees (the block visits
+    the key blocks below cdiv(hi, SKIP_N)), anchors: key block 0 and the blocks [a_lo, a_hi)
+    holding some row's last visible key. A block past seqlen_q has none: (0, 0, 0)."""
+    dist_offset = seqlen_k - seqlen_q
+    m_last = gl.minimum(first + 64, seqlen_q) - 1
+    if IS_CAUSAL:
+        hi = gl.minimum(gl.maximum(m_last + dist_offset + 1, 0), seqlen_k)
+        a_lo = gl.maximum(first + dist_offset, 0) // SKIP_N * SKIP_N
+        a_hi = gl.maximum(gl.cdiv(hi, SKIP_N) * SKIP_N, a_lo)
+    else:
+        hi = seqlen_k
+        a_lo = (seqlen_k - 1) // SKIP_N * SKIP_N
+        a_hi = gl.cdiv(seqlen_k, SKIP_N) * SKIP_N
+    live = first < seqlen_q
+    return gl.where(live, hi, 0), gl.where(live, a_lo, 0), gl.where(live, a_hi, 0)
+
+
+@gluon.jit
+def _stream(m0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr):
+    """The CTA's stream of key tiles, which the producer loads and both consumers take in
+    order: SPARSE first visits the anchor tiles of both row blocks (phase 1: tile 0, then the
+    tiles [t_lo, t_hi) holding the diagonal blocks), then every tile [0, n) (phase 2; dense:
+    phase 2 only). Returns (n1, t_lo, n): stream position i < n1 is phase-1 tile
+    `_phase1_tile(i, t_lo)`, position n1 + j is tile j."""
+    n = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if SPARSE:
+        SKIP_N: gl.constexpr = BLOCK_N // 2
+        hi0, a_lo0, a_hi0 = _row_block(m0, seqlen_q, seqlen_k, SKIP_N, IS_CAUSAL)
+        hi1, a_lo1, a_hi1 = _row_block(m0 + BLOCK_M, seqlen_q, seqlen_k, SKIP_N, IS_CAUSAL)
+        t_lo = a_lo0 // BLOCK_N
+        t_hi = gl.cdiv(gl.maximum(a_hi0, a_hi1), BLOCK_N)
+        n1 = gl.where(n > 0, t_hi - t_lo + (t_lo > 0).to(gl.int32), 0)
+    else:
+        t_lo = n * 0
+        n1 = n * 0
+    return n1, t_lo, n
+
+
+@gluon.jit
+def _phase1_tile(i, t_lo):
+    """Tile of phase-1 stream position i: tile 0 first when it is not a diagonal tile."""
+    lead = (t_lo > 0).to(gl.int32)
+    return gl.where((lead == 1) & (i == 0), 0, t_lo + i - lead)
+
+
+@gluon.jit
 def _producer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr):
+              IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr):
     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-     b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls, scale_log2) = args
+     b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls,
+     scale_log2, p_skip, stride_sm, softmax_threshold) = args
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem.index(0))
     _tma_load(q_desc, [b, m0 + BLOCK_M, h, 0], q_bar, q_smem.index(1))
-    for j in range(_key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)):
-        s = j % STAGES
-        phase = (j // STAGES) & 1
+    n1, t_lo, n = _stream(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL, SPARSE)
+    for i in range(n1 + n):
+        j = gl.where(i < n1, _phase1_tile(i, t_lo), i - n1)
+        s = i % STAGES
+        phase = (i // STAGES) & 1
         mbarrier.wait(k_empty.index(s), phase ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         _tma_load(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(s), k_smem.index(s))
+        # V with every K: loading it only for the tiles a warpgroup keeps (the producer
+        # waiting for both warpgroups' decisions) measured slower (H200, 16k, t=1: LLM-like
+        # 3.70 vs 3.10 ms, random 4.98 vs 4.52): the consumers wait for V instead
         mbarrier.wait(v_empty.index(s), phase ^ 1)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
         _tma_load(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(s), v_smem.index(s))
 
 
+@triton.constexpr_function
+def _mma_layout(n):
+    """wgmma accumulator layout of one warpgroup's [64, n] tile (scores or output)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                     instr_shape=[16, int(n), 16])
+
+
+@gluon.jit
+def _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_N: gl.constexpr,
+            s_layout: gl.constexpr):
+    """S = Q.K^T [64, BLOCK_N] (fp32, unscaled) with the K tile in ring buffer s, which goes
+    back to the producer once the wgmma is done."""
+    mbarrier.wait(k_ready.index(s), phase)
+    b_k = k_smem.index(s).reshape([BLOCK_N, b_q.shape[1]]).permute((1, 0))
+    zero_s = gl.zeros([b_q.shape[0], BLOCK_N], gl.float32, layout=s_layout)
+    b_s = warpgroup_mma(b_q, b_k, zero_s, use_acc=False, is_async=True)
+    b_s = warpgroup_mma_wait(0, deps=[b_s])
+    mbarrier.arrive(k_empty.index(s), count=1)
+    return b_s
+
+
+@gluon.jit
+def _dense_tile(acc, m_i, l_i, b_q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, i, j,
+                o_m, n_full, seqlen_k, dist_offset, scale_log2, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """Key tile j (stream position i) of the dense loop: S = Q.K^T, online softmax, P.V."""
+    HEAD_DIM: gl.constexpr = b_q.shape[1]
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s = i % STAGES
+    phase = (i // STAGES) & 1
+    b_s = _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_N, s_layout)
+    b_s = b_s * scale_log2
+    if j >= n_full:
+        o_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_vis = visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0, 0, 0)
+        b_s = gl.where(m_vis, b_s, float("-inf"))
+    b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
+    acc = acc * gl.convert_layout(b_r, gl.SliceLayout(1, o_layout))[:, None]
+    b_p = gl.convert_layout(b_p.to(b_q.dtype), p_layout)
+    mbarrier.wait(v_ready.index(s), phase)
+    acc = warpgroup_mma(b_p, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(v_empty.index(s), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _half_probs(b_s, m_use, l_i, dtype, p_layout: gl.constexpr):
+    """A kept half tile's exp2 against the row offsets m_use: (P as the P.V operand, l_i + its
+    row sums)."""
+    b_p = gl.exp2(b_s - m_use[:, None])
+    return gl.convert_layout(b_p.to(dtype), p_layout), l_i + gl.sum(b_p, 1)
+
+
+@gluon.jit
+def _sparse_tile(acc, m_i, l_i, b_thr, b_q, args, p_skip, i, j, o_m, n_full, blocks, seqlen_k,
+                 dist_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PHASE: gl.constexpr,
+                 WG: gl.constexpr):
+    """Key tile j (stream position i) of the sparse loop, as two skip blocks of BLOCK_N / 2
+    keys (2j and 2j + 1): one S = Q.K^T of the whole tile, split in registers; each kept half
+    gets its own exp2 and P.V (a wgmma over its half of V), a skipped half neither.
+    One copy of this body per phase and per kept-halves case: folding them into one loop
+    (phase and half as runtime values) measured slower (H200, 16k, t=1: LLM-like 3.42 vs
+    3.18 ms, random 4.83 vs 4.66).
+
+    PHASE 1 (anchors): a half is kept when it is one of this row block's anchor blocks (code 1).
+    PHASE 2: an anchor or unvisited half is left out; any other is kept when some row's max
+    over it reaches that row's threshold b_thr (SPEC §5; the test of fwd.py: a warpgroup-wide
+    OR, no CTA barrier), and gets code 1 (kept) or 2 (skipped)."""
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+     b, h, hk, m0, seqlen_q, seqlen_k_, p_o, p_lse, stride_os, stride_ls,
+     scale_log2, p_skip_, stride_sm, softmax_threshold) = args
+    HEAD_DIM: gl.constexpr = b_q.shape[1]
+    HALF: gl.constexpr = BLOCK_N // 2
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    h_layout: gl.constexpr = _mma_layout(HALF)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    hi, a_lo, a_hi = blocks
+    s = i % STAGES
+    phase = (i // STAGES) & 1
+    b_s = _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_N, s_layout)
+    # halves [BLOCK_M, HALF]: the first and the last HALF columns (register-only split)
+    s0, s1 = gl.split(gl.permute(gl.reshape(b_s * scale_log2, [BLOCK_M, 2, HALF]), (0, 2, 1)))
+    s0 = gl.convert_layout(s0, h_layout)
+    s1 = gl.convert_layout(s1, h_layout)
+    if j >= n_full:
+        o_n = j * BLOCK_N + gl.arange(0, HALF, layout=gl.SliceLayout(0, h_layout))
+        s0 = gl.where(visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0, 0, 0),
+                      s0, float("-inf"))
+        s1 = gl.where(visible(o_m, o_n + HALF, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0,
+                              0, 0), s1, float("-inf"))
+    # block k of this row block: visited (some row sees a key of it) and an anchor or not
+    blk0 = 2 * j
+    vis0 = (blk0 * HALF < hi).to(gl.int32)
+    vis1 = ((blk0 + 1) * HALF < hi).to(gl.int32)
+    anc0 = ((blk0 == 0) | ((blk0 * HALF >= a_lo) & (blk0 * HALF < a_hi))).to(gl.int32)
+    anc1 = (((blk0 + 1) * HALF >= a_lo) & ((blk0 + 1) * HALF < a_hi)).to(gl.int32)
+    mx0 = gl.max(s0, 1)
+    mx1 = gl.max(s1, 1)
+    if PHASE == 1:
+        flags = (vis0 & anc0) | ((vis1 & anc1) << 1)
+        if (flags & 1) != 0:
+            gl.store(p_skip + blk0, (flags & 1).to(gl.uint8))
+        if (flags & 2) != 0:
+            gl.store(p_skip + blk0 + 1, (flags >> 1).to(gl.uint8))
+    else:
+        keep = ((mx0 > float("-inf")) & (mx0 >= b_thr)).to(gl.int32) | \
+            (((mx1 > float("-inf")) & (mx1 >= b_thr)).to(gl.int32) << 1)
+        test = (vis0 & (1 - anc0)) | ((vis1 & (1 - anc1)) << 1)
+        flags = gl.reduce_or(keep, 0) & test
+        if (test & 1) != 0:
+            gl.store(p_skip + blk0, (2 - (flags & 1)).to(gl.uint8))
+        if (test & 2) != 0:
+            gl.store(p_skip + blk0 + 1, (2 - ((flags >> 1) & 1)).to(gl.uint8))
+    # the online-softmax step over the kept halves
+    k0 = (flags & 1) != 0
+    k1 = (flags & 2) != 0
+    mbarrier.wait(v_ready.index(s), phase)
+    if flags != 0:
+        m_new = gl.maximum(m_i, gl.maximum(gl.where(k0, mx0, float("-inf")),
+                                           gl.where(k1, mx1, float("-inf"))))
+        m_use = safe_max(m_new)
+        b_r = gl.exp2(m_i - m_use)  # 0 while m_i is -inf
+        m_i = m_new
+        l_i = l_i * b_r
+        acc = acc * gl.convert_layout(b_r, gl.SliceLayout(1, o_layout))[:, None]
+        b_v = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        if flags == 3:
+            p0, l_i = _half_probs(s0, m_use, l_i, b_q.dtype, p_layout)
+            p1, l_i = _half_probs(s1, m_use, l_i, b_q.dtype, p_layout)
+            acc = warpgroup_mma(p0, b_v.slice(0, HALF), acc, is_async=True)
+            acc = warpgroup_mma(p1, b_v.slice(HALF, HALF), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+        elif flags == 1:
+            p0, l_i = _half_probs(s0, m_use, l_i, b_q.dtype, p_layout)
+            acc = warpgroup_mma(p0, b_v.slice(0, HALF), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+        else:
+            p1, l_i = _half_probs(s1, m_use, l_i, b_q.dtype, p_layout)
+            acc = warpgroup_mma(p1, b_v.slice(HALF, HALF), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(v_empty.index(s), count=1)
+    return acc, m_i, l_i
+
+
 @gluon.jit
 def _consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, WG: gl.constexpr):
+              IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr, WG: gl.constexpr):
     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-     b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls, scale_log2) = args
+     b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls,
+     scale_log2, p_skip, stride_sm, softmax_threshold) = args
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    # rows live in the layout of the score tiles: whole tiles (dense), half tiles (sparse)
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N // 2 if SPARSE else BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dist_offset = seqlen_k - seqlen_q
@@ -89,34 +300,37 @@ def _consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.con
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    n = _key_tiles(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    n1, t_lo, n = _stream(m0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL, SPARSE)
     # tiles every row of this warpgroup sees whole run without the mask
     n_full = seqlen_k // BLOCK_N
     if IS_CAUSAL:
         n_full = gl.minimum(n_full, gl.maximum(first + dist_offset + 1, 0) // BLOCK_N)
     mbarrier.wait(q_bar, 0)
     b_q = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
-    for j in range(n):
-        s = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_ready.index(s), phase)
-        b_k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        b_s = warpgroup_mma(b_q, b_k, zero_s, use_acc=False, is_async=True)
-        b_s = warpgroup_mma_wait(0, deps=[b_s])
-        mbarrier.arrive(k_empty.index(s), count=1)
-        b_s = b_s * scale_log2
-        if j >= n_full:
-            o_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            m_vis = visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0, 0, 0)
-            b_s = gl.where(m_vis, b_s, float("-inf"))
-        b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
-        acc = acc * gl.convert_layout(b_r, row_o)[:, None]
-        b_p = gl.convert_layout(b_p.to(q_desc.dtype), p_layout)
-        mbarrier.wait(v_ready.index(s), phase)
-        acc = warpgroup_mma(b_p, v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(s), count=1)
+    if SPARSE:
+        blocks = _row_block(first, seqlen_q, seqlen_k, BLOCK_N // 2, IS_CAUSAL)
+        p_skip = p_skip + (first // BLOCK_M) * stride_sm  # this row block's codes
+        for i in range(n1):
+            acc, m_i, l_i = _sparse_tile(
+                acc, m_i, l_i, m_i, b_q, args, p_skip, i, _phase1_tile(i, t_lo), o_m,
+                n_full, blocks, seqlen_k, dist_offset, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, 1, WG)
+        # per-row thresholds (fwd.py): padding rows never keep a block, rows without
+        # anchor statistics keep every block they see
+        vis = gl.maximum(visible_count(o_m, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0, 0,
+                                       0).to(gl.float32), 1.0)
+        b_thr = gl.where(l_i > 0.0, m_i + gl.log2(softmax_threshold * l_i / vis),
+                         float("-inf"))
+        b_thr = gl.where(o_m < seqlen_q, b_thr, float("inf"))
+        for j in range(n):
+            acc, m_i, l_i = _sparse_tile(
+                acc, m_i, l_i, b_thr, b_q, args, p_skip, n1 + j, j, o_m, n_full, blocks,
+                seqlen_k, dist_offset, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, 2, WG)
+    else:
+        for j in range(n):
+            acc, m_i, l_i = _dense_tile(
+                acc, m_i, l_i, b_q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, j, j,
+                o_m, n_full, seqlen_k, dist_offset, scale_log2, BLOCK_M, BLOCK_N, STAGES,
+                IS_CAUSAL)
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
     l_safe = gl.where(has_key, l_i, 1.0)
@@ -131,17 +345,18 @@ def _consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.con
 
 @gluon.jit
 def _consumer_1(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                IS_CAUSAL: gl.constexpr):
-    _consumer(args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, 1)
+                IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr):
+    _consumer(args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE, 1)
 
 
 @gluon.jit
 def _attn_fwd_hopper_kernel(
-    q_desc, k_desc, v_desc, O, LSE,
+    q_desc, k_desc, v_desc, O, LSE, SKIP,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, scale_log2, H, GROUP,
+    stride_sb, stride_sh, stride_sm,
+    seqlen_q, seqlen_k, scale_log2, H, GROUP, softmax_threshold,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    IS_CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     # heavy (late, causal) query tiles first; the tiles of one head together
     n_m = gl.cdiv(seqlen_q, 2 * BLOCK_M)
@@ -170,12 +385,13 @@ def _attn_fwd_hopper_kernel(
     fence_async_shared()
     p_o = O + b.to(gl.int64) * stride_ob + h * stride_oh
     p_lse = LSE + b.to(gl.int64) * stride_lb + h * stride_lh
+    p_skip = SKIP + b.to(gl.int64) * stride_sb + h * stride_sh
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
             v_empty, b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls,
-            scale_log2)
-    gl.warp_specialize([(_consumer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, 0)),
-                        (_consumer_1, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL)),
-                        (_producer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL))],
+            scale_log2, p_skip, stride_sm, softmax_threshold)
+    gl.warp_specialize([(_consumer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE, 0)),
+                        (_consumer_1, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE)),
+                        (_producer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE))],
                        [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -186,19 +402,26 @@ def _descriptor(t, rows, head_dim):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, config):
-    """Dense batched forward of q [B, Sq, H, D], k/v [B, Sk, Hkv, D] into out (like q) and
-    lse [B, H, Sq] (fp32)."""
+def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, config,
+                           softmax_threshold=0.0, skip=None):
+    """Batched forward of q [B, Sq, H, D], k/v [B, Sk, Hkv, D] into out (like q) and
+    lse [B, H, Sq] (fp32). softmax_threshold > 0: sparse (SPEC §5), with the skip codes of
+    `fwd.py` into skip [B, H, cdiv(Sq, 64), cdiv(Sk, 64)] (uint8, zeros on entry)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     bm = config.block_m // 2  # rows per consumer warpgroup
+    sparse = softmax_threshold > 0
+    if sparse and (bm != 64 or config.block_n != 128 or skip is None):
+        raise ValueError("the sparse Gluon forward takes 64-row warpgroups, 128-key tiles (two "
+                         "64-key skip blocks) and a skip tensor")
     grid = (triton.cdiv(seqlen_q, config.block_m) * batch * num_heads,)
     _attn_fwd_hopper_kernel[grid](
         _descriptor(q, bm, head_dim), _descriptor(k, config.block_n, head_dim),
-        _descriptor(v, config.block_n, head_dim), out, lse,
+        _descriptor(v, config.block_n, head_dim), out, lse, skip if sparse else lse,
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
+        *(skip.stride()[:3] if sparse else (0, 0, 0)),
         seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
-        num_heads // num_kv_heads,
+        num_heads // num_kv_heads, float(softmax_threshold),
         BLOCK_M=bm, BLOCK_N=config.block_n, STAGES=config.num_stages, IS_CAUSAL=bool(is_causal),
-        CONSUMER_REGS=232, num_warps=4,
+        SPARSE=sparse, CONSUMER_REGS=232, num_warps=4,
     )
