@@ -141,13 +141,13 @@ def _mma_layout(n):
 
 
 @gluon.jit
-def _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_N: gl.constexpr,
-            s_layout: gl.constexpr):
-    """S = Q.K^T [64, BLOCK_N] (fp32, unscaled) with the K tile in ring buffer s, which goes
-    back to the producer once the wgmma is done."""
+def _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_M: gl.constexpr,
+            BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr):
+    """S = Q.K^T [BLOCK_M, BLOCK_N] (fp32, unscaled) with the K tile in ring buffer s, which
+    goes back to the producer once the wgmma is done."""
     mbarrier.wait(k_ready.index(s), phase)
-    b_k = k_smem.index(s).reshape([BLOCK_N, b_q.shape[1]]).permute((1, 0))
-    zero_s = gl.zeros([b_q.shape[0], BLOCK_N], gl.float32, layout=s_layout)
+    b_k = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     b_s = warpgroup_mma(b_q, b_k, zero_s, use_acc=False, is_async=True)
     b_s = warpgroup_mma_wait(0, deps=[b_s])
     mbarrier.arrive(k_empty.index(s), count=1)
@@ -165,7 +165,8 @@ def _dense_tile(acc, m_i, l_i, b_q, k_smem, v_smem, k_ready, v_ready, k_empty, v
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s = i % STAGES
     phase = (i // STAGES) & 1
-    b_s = _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_N, s_layout)
+    b_s = _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_M, BLOCK_N, HEAD_DIM,
+                  s_layout)
     b_s = b_s * scale_log2
     if j >= n_full:
         o_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -217,7 +218,8 @@ def _sparse_tile(acc, m_i, l_i, b_thr, b_q, args, p_skip, i, j, o_m, n_full, blo
     hi, a_lo, a_hi = blocks
     s = i % STAGES
     phase = (i // STAGES) & 1
-    b_s = _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_N, s_layout)
+    b_s = _scores(b_q, k_smem, k_ready, k_empty, s, phase, BLOCK_M, BLOCK_N, HEAD_DIM,
+                  s_layout)
     # halves [BLOCK_M, HALF]: the first and the last HALF columns (register-only split)
     s0, s1 = gl.split(gl.permute(gl.reshape(b_s * scale_log2, [BLOCK_M, 2, HALF]), (0, 2, 1)))
     s0 = gl.convert_layout(s0, h_layout)
