@@ -140,10 +140,12 @@ def plot_vs_skipped(path, rows):
         print(f"matplotlib not available: no plot {path}")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in sorted({r["inputs"] for r in rows}):
-        pts = sorted((r["skipped"], r["fwd_vs_dense"]) for r in rows
-                     if r["inputs"] == kind and r["variant"] == "sparse" and "fwd_vs_dense" in r)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=kind)
+    for kind, seqlen in sorted({(r["inputs"], int(r["seqlen"])) for r in rows}):
+        pts = sorted((float(r["skipped"]), float(r["fwd_vs_dense"])) for r in rows
+                     if (r["inputs"], int(r["seqlen"])) == (kind, seqlen)
+                     and r["variant"] == "sparse" and r.get("fwd_vs_dense") not in (None, ""))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" if seqlen >= 16384 else "x",
+                label=f"{kind} {seqlen // 1024}k")
     ax.plot([0, 1], [1, 0.45], "k--", lw=1, label="kept + 0.45 x skipped")
     ax.set_xlabel("skipped fraction of visited blocks")
     ax.set_ylabel("sparse fwd time / our dense fwd time")
@@ -159,7 +161,16 @@ def main():
     ap.add_argument("--inputs", nargs="+", default=["llm", "mixed", "random"])
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench_out"))
+    ap.add_argument("--replot", metavar="CSV",
+                    help="only redraw the time-vs-skipped plot from a CSV this script wrote")
     args = ap.parse_args()
+    if args.replot:
+        import csv
+        from pathlib import Path
+
+        with open(args.replot) as f:
+            plot_vs_skipped(Path(args.out) / "benchmark_sparse_skipped.png", list(csv.DictReader(f)))
+        return
     fsa = load_package()
     import importlib
 
