@@ -7,6 +7,10 @@ One new token per sequence over a KV cache, bf16, H=32, Hkv=8, D=128:
   and flash backends on the same data (q [B, H, 1, D], k/v [B, Hkv, Sk, D] contiguous,
   `enable_gqa=True`; a backend that refuses GQA gets K/V expanded to H heads, marked
   `gqa=expanded`, when that fits in memory);
+- sparse decode (SPEC §7), B in {1, 32} x 64k keys, on LLM-like caches (attention sinks +
+  positional locality: `benchmark_sparse.llm_like`, the last query row as the new token) and
+  random ones: `flash_sparse_attn_with_kvcache_func` at t = 1 next to the dense decode on the
+  same cache, with the skipped fraction and the output error against exact float64 decode;
 - top-k decode, 512..4096 of 64k keys at B=1 and B=32 (gather_kv_indices [B, topk], random
   distinct positions; also [B, Hkv, topk] at topk 2048), next to SDPA cuDNN on the same rows
   gathered beforehand into a contiguous cache (the bandwidth a dense read of those bytes gets).
@@ -246,6 +250,43 @@ def bench_dense(fsa, batch, seqlen, baselines, paged, page=64):
 
 
 # ---------------------------------------------------------------------------------------------
+# sparse decode
+# ---------------------------------------------------------------------------------------------
+def bench_sparse(fsa, batch, seqlen, family, threshold=1.0):
+    """Dense vs sparse decode at `threshold` on one cache family ("llm" or "random")."""
+    import benchmark_sparse as bs
+
+    kv_bytes = batch * seqlen * HKV * D * 2 * 2
+    row = {"case": f"sparse_{family}", "batch": batch, "seqlen": seqlen, "topk": 0,
+           "threshold": threshold}
+    if family == "llm":
+        q1, k1, v1 = bs.llm_like(seqlen, H, HKV, D, device=DEV[0])
+        q, k, v = (t.to(DEV[1]).expand(batch, *t.shape[1:]).contiguous()
+                   for t in (q1[:, -1], k1, v1))
+        del q1, k1, v1
+    else:
+        q, k, v = randn(batch, H, D), randn(batch, seqlen, HKV, D), randn(batch, seqlen, HKV, D)
+    dense = lambda: fsa.flash_dense_attn_with_kvcache_func(q, k, v, skip_checks=True)  # noqa
+    sparse = lambda: fsa.flash_sparse_attn_with_kvcache_func(  # noqa: E731
+        q, k, v, softmax_threshold=threshold, skip_checks=True)
+    measure(row, "fsa_dense", [dense], kv_bytes)
+    measure(row, "fsa_sparse", [sparse], kv_bytes)
+    out, codes = fsa.flash_sparse_attn_with_kvcache_func(
+        q, k, v, softmax_threshold=threshold, return_skip_mask=True)
+    row["skipped"] = fsa.block_skip_stats(codes)["skipped_fraction"]
+    g = H // HKV
+    s_ = torch.einsum("hd,shd->hs", q[0].double(),
+                      k[0].double().repeat_interleave(g, 1)) * D ** -0.5
+    exact = torch.einsum("hs,shd->hd", torch.softmax(s_, -1), v[0].double().repeat_interleave(g, 1))
+    row["err_vs_exact"] = (out[0].double() - exact).abs().max().item()
+    if row.get("fsa_sparse_ms") and row.get("fsa_dense_ms"):
+        row["sparse_speedup"] = row["fsa_dense_ms"] / row["fsa_sparse_ms"]
+    del q, k, v
+    empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
 # top-k decode
 # ---------------------------------------------------------------------------------------------
 def bench_topk(fsa, batch, seqlen, topk, per_head=False):
@@ -431,6 +472,12 @@ def main(argv=None):
         rows.append(bench_dense(fsa, batch, seqlen, args.baselines, paged))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
               flush=True)
+    for batch in (1, 32):
+        for family in ("llm", "random"):
+            b_, s_ = shrink(batch, 65536)
+            rows.append(bench_sparse(fsa, b_, s_, family))
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
+                  flush=True)
     for batch, topk in topks:
         rows.append(bench_topk(fsa, batch, shrink(1, 65536)[1], topk))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()},
@@ -517,6 +564,12 @@ def acceptance(rows):
             print(f"  dense B={b} Sk={s}: fsa {r['fsa_GBps']:.0f} GB/s vs cuDNN "
                   f"{r['cudnn_GBps']:.0f} GB/s ({r.get('cudnn_gqa')}) = {ratio:.3f}x "
                   f"[eager {eager:.3f}x] -> {'PASS' if ratio >= 0.95 else 'FAIL'} (>= 0.95)")
+    for family, target in (("llm", 1.3), ("random", 1 / 1.05)):
+        r = find(f"sparse_{family}", 1, 65536)
+        if r and r.get("sparse_speedup"):
+            print(f"  sparse decode t=1, {family} 64k, B=1: {r['skipped']:.1%} skipped, "
+                  f"{r['sparse_speedup']:.2f}x dense -> "
+                  f"{'PASS' if r['sparse_speedup'] >= target else 'FAIL'} (>= {target:.2f}x)")
     r = find("topk", 1, 65536, 2048)
     if r and r.get("fsa_ms"):
         print(f"  top-k 2048 of 64k, B=1: {r['fsa_ms'] * 1e3:.1f} us "

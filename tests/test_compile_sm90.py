@@ -35,7 +35,7 @@ def _compile(fn, consts, num_warps=8, num_stages=2, ptrs=None):
         elif n not in INT_SCALARS and n.upper() == n:
             sig[n] = (ptrs or {}).get(n) or (
                 "*i32" if n in I32_PTRS else "*fp32" if n in F32_PTRS
-                else "*u8" if n == "SKIP" else "*i16" if n == "LIST" else "*bf16")
+                else "*u8" if n in ("SKIP", "CODES") else "*i16" if n == "LIST" else "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif n in FLOATS:
             sig[n] = "fp32"
@@ -114,11 +114,14 @@ def compile_all(pkg):
              dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64, IS_VARLEN=False), num_warps=4)
     lines.append("bwd-preprocess ok")
     for flags in (dict(), dict(IS_PAGED=True, IS_GATHER=True),
-                  dict(IS_LOCAL=True, HAS_GATE=True, IS_SPLIT=True)):
+                  dict(IS_LOCAL=True, HAS_GATE=True, IS_SPLIT=True),
+                  dict(IS_PAGED=True, HAS_GATE=True, IS_SPLIT=True, HAS_THRESHOLD=True,
+                       GATE_SKIP=True, WRITE_CODES=True)):
         consts = dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=16, BLOCK_N=64, M_CHUNKS=1,
                       PAGE_SIZE=64, IS_PAGED=False, IS_PACKED=False, HAS_SEQUSED_K=True,
                       IS_GATHER=False, IS_LOCAL=False, WINDOW_PER_QHEAD=False, HAS_GATE=False,
-                      IS_LOGSIGMOID=True, IS_SPLIT=False)
+                      IS_LOGSIGMOID=True, IS_SPLIT=False, HAS_THRESHOLD=False, GATE_SKIP=False,
+                      WRITE_CODES=False)
         consts.update(flags)
         _compile(dec._attn_decode_kernel, consts, num_warps=4, num_stages=3)
         lines.append(f"decode {sorted(flags)} ok")
@@ -195,7 +198,7 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 25, lines
     assert sum("tma=True" in x for x in lines if x.startswith("fwd")) == 6, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
-    assert sum("decode" in x for x in lines) == 3 and "combine ok" in lines, lines
+    assert sum("decode" in x for x in lines) == 4 and "combine ok" in lines, lines
     hopper = [x for x in lines if x.startswith("hopper")]
     assert len(hopper) == 3 and all("setmaxnreg=True" in x and "tma=True" in x and
                                     x.endswith("warps=12") for x in hopper), hopper

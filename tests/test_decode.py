@@ -333,13 +333,6 @@ def test_decode_truth_matches_reference(fsa):
         torch.testing.assert_close(lse.double(), l64.cpu(), rtol=1e-6, atol=0)
 
 
-def test_sparse_decode_drops_nothing(fsa):
-    """softmax_threshold = 1 (the sparse default) keeps every key in decode, like the
-    reference: the result is the dense one."""
-    case = Case(seed=5, **CASES["contig_gqa_d64"])
-    check_case(fsa, case, splits=(2,), variant="sparse", softmax_threshold=1.0)
-
-
 def test_decode_all_empty(fsa):
     """seqused_k = 0 everywhere: out 0, lse -inf, for one and several splits."""
     case = Case(B=2, H=4, Hkv=2, D=16, caps=[64, 64], used=[0, 0], layout="paged",
@@ -514,3 +507,113 @@ def test_decode_cuda_graph_replay(fsa):
     assert torch.equal(k, k2) and torch.equal(v, v2)
     torch.testing.assert_close(g_out, exp_out, rtol=0, atol=0)
     torch.testing.assert_close(g_lse, exp_lse, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# block skipping (SPEC §7)
+# ---------------------------------------------------------------------------------------------
+def _structured(case: Case, hot_blocks, shut_blocks=(), seed=0):
+    """Make the case's keys LLM-like: each query strongly aligned with the keys of block 0,
+    of its sequence's last block and of `hot_blocks` (64-key blocks), weakly with the rest,
+    so the softmax test can drop the others; gated cases close `shut_blocks` (delta - 80)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = case.B, case.H, case.Hkv, case.D
+    lengths = case.lengths()
+    q = torch.randn(B, H, D, generator=gen)
+    klog = 0.3 * torch.randn(case.klog.shape, generator=gen)
+    for b in range(B):
+        last = (lengths[b] - 1) // 64
+        for blk in {0, last, *hot_blocks}:
+            rows = slice(64 * blk, min(64 * blk + 64, lengths[b]))
+            for hk in range(Hkv):
+                klog[b, rows, hk] += 0.5 * q[b, hk * (H // Hkv)]
+    in_use = case.used.tolist() if case.used is not None else case.caps
+    for b in range(B):
+        klog[b, in_use[b]:] = NAN
+    case.q, case.klog = q.to(case.q.dtype), klog.to(case.klog.dtype)
+    if case.gated:
+        dlog = case.dlog.float()
+        for blk in shut_blocks:
+            dlog[:, :, 64 * blk: 64 * blk + 64] -= 80.0
+        case.dlog = dlog.to(case.dlog.dtype)
+        case.alpha = case.alpha.abs() + 1.0
+    case._layout(torch.Generator().manual_seed(seed + 1), 64)
+
+
+def _kept_decode(case: Case, codes, lowp):
+    """Attention of each (sequence, head) over the keys of its kept blocks (codes < 2), as
+    explicit_decode computes it (float64, or the kernel dtype's baseline)."""
+    klog, vlog, dlog = case.logical_after_append()
+    out = torch.zeros(case.q.shape, dtype=case.q.dtype if lowp else torch.float64)
+    G = case.H // case.Hkv
+    for b, length in enumerate(case.lengths()):
+        for h in range(case.H):
+            pos = [p for p in range(length) if int(codes[b, h, p // 64]) < 2]
+            kk, vv = klog[b, pos, h // G], vlog[b, pos, h // G]
+            dt = case.q.dtype if lowp else torch.float64
+            s = kk.to(dt) @ case.q[b, h].to(dt)
+            if case.gated:
+                x = case.alpha[b, h].double() * dlog[b, h // G, pos].double()
+                s = s + (F.logsigmoid(x) if case.logsig else x).to(s.dtype)
+            s = s.double() * case.scale if not lowp else s.float() * case.scale
+            p_ = torch.softmax(s, 0)
+            out[b, h] = (p_.to(case.q.dtype) @ vv) if lowp else p_ @ vv.double()
+    return out
+
+
+SKIP_CASES = {
+    "contig": dict(B=2, H=4, Hkv=2, D=64, caps=[448, 448], used=[448, 300]),
+    "paged_gqa": dict(B=2, H=8, Hkv=2, D=32, caps=[384, 384], used=[383, 129],
+                      layout="paged", page_size=64),
+    "packed": dict(B=3, H=4, Hkv=4, D=16, caps=[320, 65, 200], layout="packed"),
+    "gated_paged": dict(B=2, H=4, Hkv=2, D=32, caps=[384, 384], used=[384, 250],
+                        layout="paged", page_size=64, gated=True),
+}
+
+
+@pytest.mark.parametrize("name", list(SKIP_CASES))
+def test_decode_skips_blocks_like_reference(fsa, name):
+    """Sparse (t=1) and gated (default gate threshold) decode drop the blocks the rule of SPEC
+    §7 drops: codes equal the reference's for every split count (the anchors are recomputed
+    per split), and the output obeys the error rule against float64 attention over exactly
+    the kept blocks. V (and for gated blocks K) of dropped blocks is never needed: the rows
+    of those blocks are finite here, so this checks the decisions, not the loads."""
+    case = Case(seed=zlib.crc32(name.encode()) % 1000, **SKIP_CASES[name])
+    _structured(case, hot_blocks=(2,), shut_blocks=(3, 4))
+    ref = reference_module(fsa)
+    t = {n: (v.cpu().double() if v is not None and v.is_floating_point() else
+             (None if v is None else v.cpu())) for n, v in case.tensors().items()}
+    variant = "gated" if case.gated else "sparse"
+    ref_codes = torch.zeros(case.B, case.H, -(-max(case.caps) // 64), dtype=torch.uint8)
+    ref.decode_forward(
+        t["q"], t["k"], t["v"], alpha=t["alpha"], delta_cache=t["delta"],
+        page_table=t["page_table"], cu_seqlens_k=t["cu"], seqused_k=t["used"],
+        gather_kv_indices=None, window_sizes=None, max_seqlen_k=case.max_seqlen_k or 0,
+        softmax_scale=case.scale, softmax_threshold=1.0 if variant == "sparse" else 0.0,
+        gate_threshold=-1.0 if variant == "gated" else 0.0, is_logsigmoid_gate=case.logsig,
+        codes=ref_codes)
+    st = fsa.block_skip_stats(ref_codes)
+    assert st["softmax_skipped"] + st["gate_skipped"] > 0 and st["kept"] > 0, st
+    if variant == "gated":
+        assert st["gate_skipped"] > 0, st
+    o64 = _kept_decode(case, ref_codes, lowp=False)
+    olp = _kept_decode(case, ref_codes, lowp=True)
+    for ns in (1, 3):
+        out, lse, codes = run(fsa, case, variant=variant, num_splits=ns, return_skip_mask=True)
+        assert codes.dtype == torch.uint8 and codes.shape == ref_codes.shape
+        differ = (codes.cpu() != ref_codes).sum().item()
+        assert differ == 0, f"{differ} codes differ from the reference (num_splits={ns})"
+        assert_close_rule(f"out (num_splits={ns})", out.cpu(), o64, olp)
+        assert torch.isfinite(lse).all()
+
+
+def test_decode_threshold_zero_and_windows_drop_nothing(fsa):
+    """t = 0 is exact dense decode and returns no codes; with a window (sparse by
+    construction) the threshold drops nothing either."""
+    case = Case(seed=5, **CASES["contig_gqa_d64"])
+    check_case(fsa, case, splits=(2,), variant="sparse", softmax_threshold=0.0)
+    out, codes = run(fsa, case, variant="sparse", softmax_threshold=0.0, num_splits=2,
+                     return_skip_mask=True)[::2]
+    assert codes.numel() == 0
+    wcase = Case(seed=6, **CASES["window_kv"])
+    check_case(fsa, wcase, splits=(2,), variant="sparse", softmax_threshold=1.0)

@@ -99,7 +99,11 @@ def test_opcheck_decode(fsa, kind, device, dtype):
     used = torch.tensor([10, 40], dtype=torch.int32, device=device)
     with _backend(fsa, kind):
         torch.library.opcheck(ops.attn_decode, (q, kc, vc, None, None, None, None, used, None,
-                                                None, s, d ** -0.5, 0.0, 0.0, True, 0),
+                                                None, s, d ** -0.5, 0.0, 0.0, True, 0, False),
+                              test_utils=_utils(kind, device))
+        # sparse decode with its skip codes (a third output)
+        torch.library.opcheck(ops.attn_decode, (q, kc, vc, None, None, None, None, used, None,
+                                                None, s, d ** -0.5, 1.0, 0.0, True, 2, True),
                               test_utils=_utils(kind, device))
         kn = torch.randn(b, hkv, d, generator=g).to(device, dtype)
         vn = torch.randn(b, hkv, d, generator=g).to(device, dtype)

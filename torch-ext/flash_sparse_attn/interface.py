@@ -91,7 +91,7 @@ def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_
 def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused_k, page_table,
             gather_kv_indices, k_new, v_new, delta_new, softmax_scale, window_sizes, is_local,
             softmax_threshold, gate_threshold, is_logsigmoid_gate, num_splits, out, lse,
-            return_lse):
+            return_lse, return_skip_mask=False):
     if k_new is not None:
         ops.kv_append(key, value, delta, k_new, v_new, delta_new, page_table, cu_seqlens_k,
                       seqused_k)
@@ -103,13 +103,13 @@ def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused
             max_seqlen_k = key.shape[1]
     window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, key.shape[-2],
                                     query.device)
-    o, l = ops.attn_decode(
+    o, l, codes = ops.attn_decode(
         query, key, value, alpha, delta, page_table, cu_seqlens_k, seqused_k, gather_kv_indices,
         window_sizes, int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
         float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold), bool(is_logsigmoid_gate),
-        int(num_splits or 0),
+        int(num_splits or 0), bool(return_skip_mask),
     )
-    return _finish(o, l, out, lse, return_lse)
+    return _finish(o, l, out, lse, return_lse, codes if return_skip_mask else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,11 +282,14 @@ def flash_dense_attn_with_kvcache_func(
     return_lse: bool = False, *, seqused_k: Optional[Tensor] = None,
     page_table: Optional[Tensor] = None, k_new: Optional[Tensor] = None,
     v_new: Optional[Tensor] = None, gather_kv_indices: Optional[Tensor] = None,
-    num_splits: Optional[int] = None,
+    num_splits: Optional[int] = None, return_skip_mask: bool = False,
 ) -> Out:
     """Decode: query [B, H, D] over key/value caches [B, Sk, Hkv, D] (or paged
     [num_pages, page_size, Hkv, D] with page_table [B, max_pages]). k_new/v_new [B, Hkv, D]
-    are written at seqused_k[b] before attending. -> out [B, H, D] (lse [B, H])."""
+    are written at seqused_k[b] before attending. -> out [B, H, D] (lse [B, H]).
+    The sparse and gated variants drop 64-key blocks of plain caches (SPEC §7);
+    `return_skip_mask=True` also returns their codes [B, H, nKB] uint8 (empty when the call
+    cannot skip), which `block_skip_stats` counts."""
     validate.check_attn_with_kvcache_func(
         "dense", query, key, value, None, None, None, None, seqused_k, page_table, k_new, v_new,
         None, gather_kv_indices, softmax_scale, window_sizes, None, None, num_splits, is_quant,
@@ -295,7 +298,7 @@ def flash_dense_attn_with_kvcache_func(
     return _decode(query, key, value, None, None, None, None, seqused_k, page_table,
                    gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
                    is_local or window_sizes is not None, 0.0, None, True, num_splits, out, lse,
-                   return_lse)
+                   return_lse, return_skip_mask)
 
 
 def flash_sparse_attn_with_kvcache_func(
@@ -308,6 +311,7 @@ def flash_sparse_attn_with_kvcache_func(
     seqused_k: Optional[Tensor] = None, page_table: Optional[Tensor] = None,
     k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
     gather_kv_indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Sparse decode (SPEC §5, §7). Shapes as flash_dense_attn_with_kvcache_func."""
     softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
@@ -319,7 +323,8 @@ def flash_sparse_attn_with_kvcache_func(
     return _decode(query, key, value, None, None, None, None, seqused_k, page_table,
                    gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
                    is_local or window_sizes is not None, softmax_threshold, None, True,
-                   num_splits, out, lse, return_lse)
+                   num_splits, out, lse, return_lse,
+                   return_skip_mask)
 
 
 def flash_gated_attn_with_kvcache_func(
@@ -334,6 +339,7 @@ def flash_gated_attn_with_kvcache_func(
     page_table: Optional[Tensor] = None, k_new: Optional[Tensor] = None,
     v_new: Optional[Tensor] = None, delta_new: Optional[Tensor] = None,
     gather_kv_indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Gated decode (SPEC §6, §7). alpha [B, H]; delta cache [B, Hkv, Sk]
     (paged: [num_pages, page_size, Hkv]); delta_new [B, Hkv]."""
@@ -345,7 +351,8 @@ def flash_gated_attn_with_kvcache_func(
     return _decode(query, key, value, alpha, delta, None, None, seqused_k, page_table,
                    gather_kv_indices, k_new, v_new, delta_new, softmax_scale, window_sizes,
                    is_local or window_sizes is not None, softmax_threshold, gate_threshold,
-                   is_logsigmoid_gate, num_splits, out, lse, return_lse)
+                   is_logsigmoid_gate, num_splits, out, lse, return_lse,
+                   return_skip_mask)
 
 
 def flash_dense_attn_varlen_with_kvcache_func(
@@ -357,6 +364,7 @@ def flash_dense_attn_varlen_with_kvcache_func(
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, *, k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
     gather_kv_indices: Optional[Tensor] = None, num_splits: Optional[int] = None,
+    return_skip_mask: bool = False,
 ) -> Out:
     """Decode over packed caches: query [B, H, D], key/value [total_k, Hkv, D] with
     cu_seqlens_k [B+1]; sequence b owns rows cu_seqlens_k[b]:cu_seqlens_k[b+1]."""
@@ -368,7 +376,7 @@ def flash_dense_attn_varlen_with_kvcache_func(
     return _decode(query, key, value, None, None, cu_seqlens_k, max_seqlen_k, seqused_k, None,
                    gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
                    is_local or window_sizes is not None, 0.0, None, True, num_splits, out, lse,
-                   return_lse)
+                   return_lse, return_skip_mask)
 
 
 def flash_sparse_attn_varlen_with_kvcache_func(
@@ -380,7 +388,7 @@ def flash_sparse_attn_varlen_with_kvcache_func(
     out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
     skip_checks: bool = False, return_lse: bool = False, *, k_new: Optional[Tensor] = None,
     v_new: Optional[Tensor] = None, gather_kv_indices: Optional[Tensor] = None,
-    num_splits: Optional[int] = None,
+    num_splits: Optional[int] = None, return_skip_mask: bool = False,
 ) -> Out:
     """Sparse decode over packed caches. Shapes as flash_dense_attn_varlen_with_kvcache_func."""
     softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
@@ -392,7 +400,8 @@ def flash_sparse_attn_varlen_with_kvcache_func(
     return _decode(query, key, value, None, None, cu_seqlens_k, max_seqlen_k, seqused_k, None,
                    gather_kv_indices, k_new, v_new, None, softmax_scale, window_sizes,
                    is_local or window_sizes is not None, softmax_threshold, None, True,
-                   num_splits, out, lse, return_lse)
+                   num_splits, out, lse, return_lse,
+                   return_skip_mask)
 
 
 def flash_gated_attn_varlen_with_kvcache_func(
@@ -406,7 +415,7 @@ def flash_gated_attn_varlen_with_kvcache_func(
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, *, k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
     delta_new: Optional[Tensor] = None, gather_kv_indices: Optional[Tensor] = None,
-    num_splits: Optional[int] = None,
+    num_splits: Optional[int] = None, return_skip_mask: bool = False,
 ) -> Out:
     """Gated decode over packed caches. alpha [B, H], delta [Hkv, total_k]."""
     validate.check_attn_with_kvcache_func(
@@ -417,4 +426,5 @@ def flash_gated_attn_varlen_with_kvcache_func(
     return _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused_k, None,
                    gather_kv_indices, k_new, v_new, delta_new, softmax_scale, window_sizes,
                    is_local or window_sizes is not None, softmax_threshold, gate_threshold,
-                   is_logsigmoid_gate, num_splits, out, lse, return_lse)
+                   is_logsigmoid_gate, num_splits, out, lse, return_lse,
+                   return_skip_mask)

@@ -238,22 +238,34 @@ def attn_decode(
     gate_threshold: float,
     is_logsigmoid_gate: bool,
     num_splits: int,
-) -> tuple[Tensor, Tensor]:
-    """q [B, H, D] -> (out [B, H, D], lse [B, H] fp32). num_splits <= 0: heuristic."""
+    return_codes: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, H, D] -> (out [B, H, D], lse [B, H] fp32, codes). num_splits <= 0: heuristic.
+    codes: the skip codes of SPEC §7, uint8 [B, H, nKB] when return_codes and the call can
+    skip (configs.decode_codes_shape), else empty."""
     args = dict(
         alpha=alpha, delta_cache=delta_cache, page_table=page_table, cu_seqlens_k=cu_seqlens_k,
         seqused_k=seqused_k, gather_kv_indices=gather_kv_indices, window_sizes=window_sizes,
         max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
         softmax_threshold=softmax_threshold, gate_threshold=gate_threshold,
-        is_logsigmoid_gate=is_logsigmoid_gate,
+        is_logsigmoid_gate=is_logsigmoid_gate, return_codes=return_codes,
     )
     if use_triton(q):
         from .triton.decode import launch_attn_decode
 
         return launch_attn_decode(q, k_cache, v_cache, num_splits=num_splits, **args)
-    return reference.decode_forward(q, k_cache, v_cache, **args)
+    return reference.decode_forward_op(q, k_cache, v_cache, **args)
 
 
 @attn_decode.register_fake
-def _attn_decode_fake(q, *rest):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+def _attn_decode_fake(q, k_cache, v_cache, alpha, delta_cache, page_table, cu_seqlens_k,
+                      seqused_k, gather_kv_indices, window_sizes, max_seqlen_k, softmax_scale,
+                      softmax_threshold, gate_threshold, is_logsigmoid_gate, num_splits,
+                      return_codes):
+    from .triton.configs import decode_codes_shape, decode_skips
+
+    skips = return_codes and decode_skips(alpha, gather_kv_indices, window_sizes,
+                                          softmax_threshold, gate_threshold)
+    return (torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32),
+            q.new_empty(decode_codes_shape(q, k_cache, page_table, cu_seqlens_k, max_seqlen_k,
+                                           skips), dtype=torch.uint8))

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .triton.configs import SKIP_BLOCK_N, skip_block_m, skip_shape
+from .triton.configs import (SKIP_BLOCK_N, decode_codes_shape, decode_skips, skip_block_m,
+                             skip_shape)
 
 Tensor = torch.Tensor
 
@@ -594,7 +595,7 @@ def _delta_index(delta_cache, page_table, cu_seqlens_k, b, pos, kv_head):
 
 def decode_forward(q, k_cache, v_cache, *, alpha, delta_cache, page_table, cu_seqlens_k,
                    seqused_k, gather_kv_indices, window_sizes, max_seqlen_k, softmax_scale,
-                   softmax_threshold, gate_threshold, is_logsigmoid_gate):
+                   softmax_threshold, gate_threshold, is_logsigmoid_gate, codes=None):
     """One query token per sequence over a KV cache -> (out [B, H, D] q.dtype, lse [B, H] fp32).
 
     q [B, H, D] is the newest token of sequence b, aligned to the end of its L_b keys
@@ -606,6 +607,10 @@ def decode_forward(q, k_cache, v_cache, *, alpha, delta_cache, page_table, cu_se
     gather_kv_indices [B, topk] or [B, Hkv, topk]: only these logical positions are attended;
     entries < 0 or >= L_b are ignored; every remaining entry is one key slot, so a repeated
     position is attended as many times as it is listed. Windows apply to logical positions.
+    Skipping (SPEC §7; plain caches: no index list, no window): the rule of the training
+    forward for a single query row aligned to the end of the keys (`_Problem.skip_codes`,
+    causal), per (sequence, query head, 64-key block); `codes` [B, H, nKB] uint8, if given,
+    receives the decisions.
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[-2]
@@ -615,6 +620,8 @@ def decode_forward(q, k_cache, v_cache, *, alpha, delta_cache, page_table, cu_se
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = q.new_full((batch, heads), -math.inf, dtype=torch.float32)
     kv_head = torch.arange(kv_heads, device=q.device).view(-1, 1)  # [Hkv, 1]
+    skips = decode_skips(alpha, gather_kv_indices, window_sizes, softmax_threshold,
+                         gate_threshold)
     for b in range(batch):
         length = int(seqused_k[b]) if seqused_k is not None else \
             _cache_len(k_cache, page_table, cu_seqlens_k, b)
@@ -630,6 +637,19 @@ def decode_forward(q, k_cache, v_cache, *, alpha, delta_cache, page_table, cu_se
         rows = _cache_rows(k_cache, page_table, cu_seqlens_k, b, pos)
         kb = k_cache[(*rows, kv_head)].to(dt)  # [Hkv, n, D]
         vb = v_cache[(*rows, kv_head)].to(dt)
+        if skips:
+            d = None if alpha is None else delta_cache[_delta_index(
+                delta_cache, page_table, cu_seqlens_k, b, pos, kv_head)]  # [Hkv, n]
+            prob = _Problem(q[b][None], kb.transpose(0, 1), vb.transpose(0, 1),
+                            None if alpha is None else alpha[b][:, None], d, None,
+                            **_options(q, scale, True, None, is_logsigmoid_gate, 1024))
+            c = prob.skip_codes(float(softmax_threshold), float(gate_threshold), False)
+            prob.skip = c if bool((c >= 2).any()) else None  # [H, 1, nKB]
+            ob, lb = prob.forward()
+            out[b], lse[b] = ob[:, 0].to(out.dtype), lb[:, 0].to(lse.dtype)
+            if codes is not None:
+                codes[b, :, :c.shape[2]] = c[:, 0]
+            continue
         qb = q[b].to(dt).view(kv_heads, group, head_dim)  # [Hkv, group, D]
         logits = (qb @ kb.transpose(1, 2)).view(heads, -1)  # [H, n]
         if alpha is not None:
@@ -649,6 +669,19 @@ def decode_forward(q, k_cache, v_cache, *, alpha, delta_cache, page_table, cu_se
         out[b] = ob
         lse[b] = row_lse
     return out, lse
+
+
+def decode_forward_op(q, k_cache, v_cache, *, return_codes, **kw):
+    """`decode_forward` as the decode op returns it: (out, lse, codes), codes
+    [B, H, nKB] uint8 when return_codes and the call can skip, else empty."""
+    skips = return_codes and decode_skips(kw["alpha"], kw["gather_kv_indices"],
+                                          kw["window_sizes"], kw["softmax_threshold"],
+                                          kw["gate_threshold"])
+    codes = torch.zeros(decode_codes_shape(q, k_cache, kw["page_table"], kw["cu_seqlens_k"],
+                                           kw["max_seqlen_k"], skips),
+                        dtype=torch.uint8, device=q.device)
+    out, lse = decode_forward(q, k_cache, v_cache, codes=codes if skips else None, **kw)
+    return out, lse, codes
 
 
 def kv_append(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, *, page_table,

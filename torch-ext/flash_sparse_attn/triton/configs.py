@@ -263,6 +263,30 @@ def heads_first(kernel: str, is_local: bool) -> bool:
     return kernel == "bwd" and bool(is_local)
 
 
+def decode_skips(alpha, gather_kv_indices, window_sizes, softmax_threshold,
+                 gate_threshold) -> bool:
+    """Whether a decode call drops blocks (SPEC §7): a positive softmax threshold, or gates
+    with a gate threshold != 0; plain caches only (no index list, no window)."""
+    return gather_kv_indices is None and window_sizes is None and (
+        softmax_threshold > 0 or (alpha is not None and gate_threshold != 0))
+
+
+def decode_codes_shape(q, k_cache, page_table, cu_seqlens_k, max_seqlen_k,
+                       has_skip: bool) -> list:
+    """Shape of decode's skip codes: [B, H, cdiv(max keys of a sequence, SKIP_BLOCK_N)] (the
+    keys: paged page_table.shape[1] * page_size, packed max_seqlen_k or the whole cache,
+    contiguous the cache length); [0] when the call cannot skip."""
+    if not has_skip:
+        return [0]
+    if page_table is not None:
+        keys = page_table.shape[1] * k_cache.shape[1]
+    elif cu_seqlens_k is not None:
+        keys = max_seqlen_k if max_seqlen_k > 0 else k_cache.shape[0]
+    else:
+        keys = k_cache.shape[1]
+    return [q.shape[0], q.shape[1], cdiv(keys, SKIP_BLOCK_N)]
+
+
 # Decode (split-KV, packed GQA)
 DECODE_CTAS_PER_SM = 2
 DECODE_MIN_TILES_PER_SPLIT = 2

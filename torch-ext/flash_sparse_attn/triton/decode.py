@@ -24,8 +24,10 @@ Notation
   own sum, lse in base 2) that `combine.py` merges with an exact log-sum-exp combine.
 
 Caution
-- Nothing is dropped: `softmax_threshold` and `gate_threshold` are accepted and ignored (the
-  reference's `decode_forward` drops nothing either); no HAS_THRESHOLD flag yet.
+- Skipping (SPEC §7) covers contiguous, packed and paged caches; with gather_kv_indices or
+  windows the thresholds drop nothing (those calls are sparse by construction). Every split
+  recomputes the anchors' statistics (K of two tiles), so the decisions do not depend on the
+  split count; tiles are then the 64-key skip blocks whatever the launch table says.
 - Out-of-bounds safety whatever the tensors hold: L_b is clamped to the capacity, positions of
   the index list outside [0, L_b) are masked (never loaded), page ids are clamped into
   [0, num_pages), packed ranges are clamped into [0, total_k). Garbage page ids or cu_seqlens
@@ -53,7 +55,7 @@ import triton.language as tl
 from . import configs
 from .configs import decode_block_m, decode_config, decode_num_splits, num_sms
 from .combine import launch_combine
-from .common import LN2, accumulate_tile, gate, load_tile, visible_2d
+from .common import LN2, accumulate_tile, gate, gate_2d, load_tile, visible_2d
 
 # split heuristic (decode_num_splits): resident programs per SM assumed, least tiles per split
 
@@ -206,29 +208,77 @@ def _window_ranges(seqlen, w_sink, w_left, w_right, w_near, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _tile_keys(start, seqlen, n_items, p_pt, p_g, stride_kb, stride_ks, stride_vb, stride_vs,
+               stride_db, stride_ds, stride_gi, num_pages, BLOCK_N: tl.constexpr,
+               PAGE_SIZE: tl.constexpr, IS_PAGED: tl.constexpr, IS_GATHER: tl.constexpr):
+    """The keys of work tile [start, start + BLOCK_N): logical positions, which exist, and their
+    row offsets into K, V and delta."""
+    o_t = start + tl.arange(0, BLOCK_N)  # [N] work items
+    if IS_GATHER:
+        pos = tl.load(p_g + o_t.to(tl.int64) * stride_gi, mask=o_t < n_items, other=-1)
+        n_ok = (pos >= 0) & (pos < seqlen)
+        pos = tl.where(n_ok, pos, 0)
+    else:
+        pos = o_t
+        n_ok = pos < seqlen
+    if IS_PAGED:
+        page = tl.load(p_pt + pos // PAGE_SIZE, mask=n_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        row = (pos % PAGE_SIZE).to(tl.int64)
+        return pos, n_ok, page * stride_kb + row * stride_ks, page * stride_vb + row * stride_vs, \
+            page * stride_db + row * stride_ds
+    row = pos.to(tl.int64)
+    return pos, n_ok, row * stride_ks, row * stride_vs, row * stride_ds
+
+
+@triton.jit
+def _tile_scores(b_q, b_alpha, o_k, b_delta, n_ok, m_vis, o_d, p_k0, scale_log2,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_GATE: tl.constexpr,
+                 IS_LOGSIGMOID: tl.constexpr):
+    """Base-2 scores [M, N] of one tile, hidden keys at -inf, and the gate g [M, N] (the scores
+    when not gated)."""
+    # [N, D] key tile
+    b_k = load_tile(p_k0 + o_k[:, None] + o_d[None, :], n_ok[:, None], o_d[None, :],
+                     HEAD_DIM, HEAD_DIM_PAD, True)
+    b_s = tl.dot(b_q, tl.trans(b_k))
+    if HAS_GATE:
+        b_g = gate(b_alpha, b_delta, IS_LOGSIGMOID)
+        b_s += b_g
+    else:
+        b_g = b_s
+    return tl.where(m_vis, b_s * scale_log2, float("-inf")), b_g
+
+
+@triton.jit
 def _decode_tiles(
     acc, m_i, l_i, b_q, b_alpha, i_q, lo, hi, seqlen, n_items, o_d,
-    p_k0, p_v0, p_d0, p_pt, p_g,
+    p_k0, p_v0, p_d0, p_pt, p_g, p_code, b_thr, b_gthr, r_ok,
     stride_kb, stride_ks, stride_vb, stride_vs, stride_db, stride_ds, stride_gi,
     num_pages, scale_log2, w_sink, w_left, w_right, w_near,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, IS_PAGED: tl.constexpr, IS_GATHER: tl.constexpr,
     IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr, HAS_GATE: tl.constexpr,
-    IS_LOGSIGMOID: tl.constexpr,
+    IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr, GATE_SKIP: tl.constexpr,
+    WRITE_CODES: tl.constexpr,
 ):
     """Visit work tiles [lo, hi) (positions, or index-list slots with IS_GATHER): the one
     decode tile body. p_k0/p_v0/p_d0 point at (sequence, KV head) for contiguous and packed
-    caches, at the KV head only for paged ones."""
+    caches, at the KV head only for paged ones.
+
+    Skipping (HAS_THRESHOLD / GATE_SKIP, SPEC §7; BLOCK_N is the 64-key skip block): every
+    tile but the anchors (block 0 and the last block) is tested per row (query head): the
+    gate test first, from delta's extremes, before K is loaded (b_gthr); then the softmax test
+    on the tile's row max (b_thr). A row that skips the tile gets no probability from it; V
+    is loaded only when some row keeps it, K only when some row passes the gate test. Codes
+    per (row, block) to p_code with WRITE_CODES: 1 kept, 2 softmax skip, 3 gate skip."""
+    TESTS: tl.constexpr = HAS_THRESHOLD or GATE_SKIP
+    a_last = (seqlen - 1) // BLOCK_N * BLOCK_N  # the anchor holding the newest key
     for start in range(lo, hi, BLOCK_N):
         start = tl.multiple_of(start, BLOCK_N)
-        o_t = start + tl.arange(0, BLOCK_N)  # [N] work items
-        if IS_GATHER:
-            pos = tl.load(p_g + o_t.to(tl.int64) * stride_gi, mask=o_t < n_items, other=-1)
-            n_ok = (pos >= 0) & (pos < seqlen)
-            pos = tl.where(n_ok, pos, 0)
-        else:
-            pos = o_t
-            n_ok = pos < seqlen
+        pos, n_ok, o_k, o_v, o_dl = _tile_keys(
+            start, seqlen, n_items, p_pt, p_g, stride_kb, stride_ks, stride_vb, stride_vs,
+            stride_db, stride_ds, stride_gi, num_pages, BLOCK_N, PAGE_SIZE, IS_PAGED,
+            IS_GATHER)
         if IS_LOCAL:
             if WINDOW_PER_QHEAD:
                 m_vis = visible_2d(i_q, pos[None, :], seqlen - 1, seqlen, True, True,
@@ -240,50 +290,113 @@ def _decode_tiles(
                 m_vis = n_ok[None, :]
         else:
             m_vis = n_ok[None, :]
-        # physical rows of the tile's keys
-        if IS_PAGED:
-            page = tl.load(p_pt + pos // PAGE_SIZE, mask=n_ok, other=0)
-            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-            row = (pos % PAGE_SIZE).to(tl.int64)
-            o_k = page * stride_kb + row * stride_ks
-            o_v = page * stride_vb + row * stride_vs
-            o_dl = page * stride_db + row * stride_ds
-        else:
-            row = pos.to(tl.int64)
-            o_k = row * stride_ks
-            o_v = row * stride_vs
-            o_dl = row * stride_ds
-        # [N, D] key tile, scores [M, N]
-        b_k = load_tile(p_k0 + o_k[:, None] + o_d[None, :], n_ok[:, None], o_d[None, :],
-                         HEAD_DIM, HEAD_DIM_PAD, True)
-        b_s = tl.dot(b_q, tl.trans(b_k))
         if HAS_GATE:
             b_delta = tl.load(p_d0 + o_dl, mask=n_ok, other=0.0).to(tl.float32)  # [N]
-            b_s += gate(b_alpha, b_delta, IS_LOGSIGMOID)
-        b_s = tl.where(m_vis, b_s * scale_log2, float("-inf"))
-        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_v, n_ok, o_d, p_v0, 1, HEAD_DIM,
-                                        HEAD_DIM_PAD, True)
+        else:
+            b_delta = b_alpha
+        if TESTS:
+            anchor = (start == 0) | (start == a_last)
+            keep = r_ok  # [M] rows that keep the tile (padding rows never do)
+            if GATE_SKIP:
+                # g is monotone in alpha * delta: its max over the block from delta's extremes
+                d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
+                d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
+                g_max = gate_2d(tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min),
+                                IS_LOGSIGMOID)
+                keep = keep & (anchor | (g_max * scale_log2 >= b_gthr))
+            code = tl.where(keep, 1, 3)
+            if GATE_SKIP:  # K only when some row passed the gate test
+                if tl.max(keep.to(tl.int32), 0) > 0:
+                    b_s, b_g = _tile_scores(b_q, b_alpha, o_k, b_delta, n_ok, m_vis, o_d, p_k0,
+                                            scale_log2, HEAD_DIM, HEAD_DIM_PAD, HAS_GATE,
+                                            IS_LOGSIGMOID)
+                else:
+                    b_s = tl.full([b_q.shape[0], BLOCK_N], float("-inf"), dtype=tl.float32)
+            else:  # the K load stays unconditional (pipelined)
+                b_s, b_g = _tile_scores(b_q, b_alpha, o_k, b_delta, n_ok, m_vis, o_d, p_k0,
+                                        scale_log2, HEAD_DIM, HEAD_DIM_PAD, HAS_GATE,
+                                        IS_LOGSIGMOID)
+            if HAS_THRESHOLD:
+                b_mx = tl.max(b_s, 1)
+                pass_s = anchor | ((b_mx > float("-inf")) & (b_mx >= b_thr))
+                code = tl.where(keep & ~pass_s, 2, code)
+                keep = keep & pass_s
+            if tl.max(keep.to(tl.int32), 0) > 0:  # V only when some row keeps the tile
+                acc, m_i, l_i = accumulate_tile(
+                    acc, m_i, l_i, tl.where(keep[:, None], b_s, float("-inf")), o_v, n_ok,
+                    o_d, p_v0, 1, HEAD_DIM, HEAD_DIM_PAD, True)
+            if WRITE_CODES:
+                tl.store(p_code + start // BLOCK_N, code.to(tl.uint8), mask=r_ok)
+        else:
+            b_s, b_g = _tile_scores(b_q, b_alpha, o_k, b_delta, n_ok, m_vis, o_d, p_k0,
+                                    scale_log2, HEAD_DIM, HEAD_DIM_PAD, HAS_GATE, IS_LOGSIGMOID)
+            acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_v, n_ok, o_d, p_v0, 1,
+                                            HEAD_DIM, HEAD_DIM_PAD, True)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _anchor_thresholds(b_q, b_alpha, seqlen, o_d, r_ok, p_k0, p_d0, p_pt, stride_kb,
+                       stride_ks, stride_db, stride_ds, num_pages, scale_log2,
+                       softmax_threshold, gate_threshold, HEAD_DIM: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr, IS_PAGED: tl.constexpr,
+                       HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr):
+    """Per-row thresholds of the decode skip tests (SPEC §7), from exact statistics over the
+    anchor blocks (block 0 and the one holding the newest key), which every split computes
+    (K and delta only): softmax b_thr = m_ref + log2(t * l_ref / seqlen) (base 2), gate
+    b_gthr = g_ref * scale * log2(e) + log2(tg), tg = gate_threshold or, below 0, 1 / seqlen.
+    Padding rows never keep a block (+inf)."""
+    m_ref = tl.full([b_q.shape[0]], float("-inf"), dtype=tl.float32)
+    l_ref = tl.zeros([b_q.shape[0]], dtype=tl.float32)
+    g_ref = tl.full([b_q.shape[0]], float("-inf"), dtype=tl.float32)
+    a_last = (seqlen - 1) // BLOCK_N * BLOCK_N
+    for start in range(0, tl.minimum(a_last, BLOCK_N) + BLOCK_N, BLOCK_N):
+        start = tl.where(start == 0, 0, a_last)
+        pos, n_ok, o_k, o_v, o_dl = _tile_keys(
+            start, seqlen, 0, p_pt, p_pt, stride_kb, stride_ks, 0, 0, stride_db, stride_ds, 0,
+            num_pages, BLOCK_N, PAGE_SIZE, IS_PAGED, False)
+        if HAS_GATE:
+            b_delta = tl.load(p_d0 + o_dl, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            b_delta = b_alpha
+        b_s, b_g = _tile_scores(b_q, b_alpha, o_k, b_delta, n_ok, n_ok[None, :], o_d, p_k0,
+                                scale_log2, HEAD_DIM, HEAD_DIM_PAD, HAS_GATE, IS_LOGSIGMOID)
+        m_new = tl.maximum(m_ref, tl.max(b_s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_ref = l_ref * tl.math.exp2(m_ref - m_use) + \
+            tl.sum(tl.math.exp2(b_s - m_use[:, None]), 1)
+        m_ref = m_new
+        g_ref = tl.maximum(g_ref, tl.max(tl.where(n_ok[None, :], b_g, float("-inf")), 1))
+    len_f = tl.maximum(seqlen, 1).to(tl.float32)
+    b_thr = tl.where(l_ref > 0.0, m_ref + tl.math.log2(softmax_threshold * l_ref / len_f),
+                     float("-inf"))
+    tg = tl.where(gate_threshold < 0, 1.0 / len_f, gate_threshold)
+    b_gthr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg),
+                      float("-inf"))
+    return tl.where(r_ok, b_thr, float("inf")), tl.where(r_ok, b_gthr, float("inf"))
 
 
 @triton.jit
 def _attn_decode_kernel(
     Q, K, V, O, LSE, O_PART, LSE_PART, ALPHA, DELTA, PAGE_TABLE, CU_K, SEQUSED_K, GATHER,
-    WINDOWS,
+    WINDOWS, CODES,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_oh, stride_lb, stride_lh,
     stride_ab, stride_ah,
     stride_db, stride_ds, stride_dh,
-    stride_pb, stride_gb, stride_gh, stride_gi, stride_wh, stride_wc,
-    cache_len, num_pages, n_items, num_splits, scale_log2, H, Hkv, GROUP,
+    stride_pb, stride_gb, stride_gh, stride_gi, stride_wh, stride_wc, stride_cb, stride_ch,
+    cache_len, num_pages, n_items, num_splits, scale_log2, H, Hkv, GROUP, softmax_threshold,
+    gate_threshold,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, M_CHUNKS: tl.constexpr,
     PAGE_SIZE: tl.constexpr, IS_PAGED: tl.constexpr, IS_PACKED: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr, IS_GATHER: tl.constexpr, IS_LOCAL: tl.constexpr,
     WINDOW_PER_QHEAD: tl.constexpr, HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
-    IS_SPLIT: tl.constexpr,
+    IS_SPLIT: tl.constexpr, HAS_THRESHOLD: tl.constexpr = False, GATE_SKIP: tl.constexpr = False,
+    WRITE_CODES: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -371,6 +484,17 @@ def _attn_decode_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_THRESHOLD or GATE_SKIP:
+        # skip tests (SPEC §7): contiguous, packed and paged caches, no window, no index list
+        tl.static_assert(not (IS_GATHER or IS_LOCAL), "decode skips blocks of plain caches")
+        b_thr, b_gthr = _anchor_thresholds(
+            b_q, b_alpha, seqlen, o_d, r_ok, p_k0, p_d0, p_pt, stride_kb, stride_ks,
+            stride_db, stride_ds, num_pages, scale_log2, softmax_threshold, gate_threshold,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, IS_PAGED, HAS_GATE, IS_LOGSIGMOID)
+    else:
+        b_thr = m_i
+        b_gthr = m_i
+    p_code = CODES + b.to(tl.int64) * stride_cb + o_h * stride_ch  # [M]
     # the key ranges in order (sink, far band, near band for windows shared by the group);
     # this split takes tiles [t0, t1) of their concatenation
     if IS_LOCAL and not WINDOW_PER_QHEAD and not IS_GATHER:
@@ -385,10 +509,10 @@ def _attn_decode_kernel(
         lo, hi = _split_part(los[r], his[r], firsts[r], t0, t1, BLOCK_N)
         acc, m_i, l_i = _decode_tiles(
             acc, m_i, l_i, b_q, b_alpha, i_q, lo, hi, seqlen, n_items, o_d, p_k0, p_v0, p_d0,
-            p_pt, p_g, stride_kb, stride_ks, stride_vb, stride_vs, stride_db, stride_ds,
-            stride_gi, num_pages, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, IS_PAGED, IS_GATHER, IS_LOCAL, WINDOW_PER_QHEAD,
-            HAS_GATE, IS_LOGSIGMOID)
+            p_pt, p_g, p_code, b_thr, b_gthr, r_ok, stride_kb, stride_ks, stride_vb, stride_vs,
+            stride_db, stride_ds, stride_gi, num_pages, scale_log2, w_sink, w_left, w_right,
+            w_near, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, PAGE_SIZE, IS_PAGED, IS_GATHER, IS_LOCAL,
+            WINDOW_PER_QHEAD, HAS_GATE, IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, WRITE_CODES)
 
     # ---- epilogue: rows with no visible key -> o = 0, lse = -inf ------------------------
     has_key = l_i > 0.0
@@ -413,22 +537,34 @@ def _attn_decode_kernel(
 def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, page_table,
                        cu_seqlens_k, seqused_k, gather_kv_indices, window_sizes, max_seqlen_k,
                        softmax_scale, softmax_threshold, gate_threshold, is_logsigmoid_gate,
-                       config=None):
-    """q [B, H, D] -> (out [B, H, D] q.dtype, lse [B, H] fp32). num_splits <= 0: heuristic.
-    `config` overrides the launch config (tuning / benchmarks only). softmax_threshold and
-    gate_threshold drop nothing yet (see Caution)."""
+                       return_codes=False, config=None):
+    """q [B, H, D] -> (out [B, H, D] q.dtype, lse [B, H] fp32, codes). num_splits <= 0:
+    heuristic. `config` overrides the launch config (tuning / benchmarks only).
+    softmax_threshold > 0 / gate_threshold != 0 (gated) skip blocks of plain caches (SPEC §7;
+    with gather_kv_indices or windows nothing is dropped); return_codes: the per (sequence,
+    query head, 64-key block) codes uint8 [B, H, nKB] (configs.decode_codes_shape), else [0]."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[-2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
-    if batch == 0 or num_heads == 0:
-        return out, lse
-    is_paged, is_packed, page_size, num_pages, cache_len = _layout(k_cache, page_table,
-                                                                   cu_seqlens_k)
     is_gather = gather_kv_indices is not None
     is_local = window_sizes is not None
+    skipping = configs.decode_skips(alpha, gather_kv_indices, window_sizes, softmax_threshold,
+                                    gate_threshold)
+    has_threshold = skipping and softmax_threshold > 0
+    gate_skip = skipping and alpha is not None and gate_threshold != 0
+    write_codes = bool(return_codes) and skipping
+    codes = torch.zeros(configs.decode_codes_shape(q, k_cache, page_table, cu_seqlens_k,
+                                                   max_seqlen_k, skipping) if write_codes
+                        else [0], dtype=torch.uint8, device=q.device)
+    if batch == 0 or num_heads == 0:
+        return out, lse, codes
+    is_paged, is_packed, page_size, num_pages, cache_len = _layout(k_cache, page_table,
+                                                                   cu_seqlens_k)
     cfg = config or decode_config(q, head_dim, group, is_paged, is_gather)
+    if skipping:  # tiles are the skip blocks
+        cfg = configs.Config(cfg.block_m, configs.SKIP_BLOCK_N, cfg.num_warps, cfg.num_stages)
     block_m = decode_block_m(group)
     m_chunks = triton.cdiv(group, block_m)
 
@@ -471,7 +607,7 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
         cu_seqlens_k if is_packed else dummy,
         seqused_k if seqused_k is not None else dummy,
         gather_kv_indices if is_gather else dummy,
-        window_sizes if is_local else dummy,
+        window_sizes if is_local else dummy, codes if write_codes else dummy,
         q.stride(0), q.stride(1),
         *_cache_strides(k_cache, is_packed), *_cache_strides(v_cache, is_packed),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
@@ -479,15 +615,17 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
         *(_delta_strides(delta_cache, is_paged, is_packed) if alpha is not None else (0, 0, 0)),
         page_table.stride(0) if is_paged else 0, *stride_g,
         *((window_sizes.stride(0), window_sizes.stride(1)) if is_local else (0, 0)),
+        *((codes.stride(0), codes.stride(1)) if write_codes else (0, 0)),
         cache_len, num_pages, n_items, num_splits, float(softmax_scale) * 1.4426950408889634,
-        num_heads, num_kv_heads, group,
+        num_heads, num_kv_heads, group, float(softmax_threshold), float(gate_threshold),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=configs.head_dim_pad(head_dim),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, M_CHUNKS=m_chunks, PAGE_SIZE=page_size,
         IS_PAGED=is_paged, IS_PACKED=is_packed, HAS_SEQUSED_K=seqused_k is not None,
         IS_GATHER=is_gather, IS_LOCAL=is_local, WINDOW_PER_QHEAD=window_per_qhead,
         HAS_GATE=alpha is not None, IS_LOGSIGMOID=bool(is_logsigmoid_gate), IS_SPLIT=is_split,
+        HAS_THRESHOLD=has_threshold, GATE_SKIP=gate_skip, WRITE_CODES=write_codes,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if is_split:
         launch_combine(o_part, lse_part, out, lse)
-    return out, lse
+    return out, lse, codes
