@@ -61,6 +61,9 @@ FWD_FLAGS = [
     dict(HAS_GATE=True, GATE_SKIP=True, HAS_THRESHOLD=True, IS_ADAPT_GATE=True),
     dict(IS_LOCAL=True, WINDOW_PER_QHEAD=True),
     dict(IS_VARLEN=True, HAS_SEQUSED_K=True, HEAD_DIM=80),
+    # chunked prefill over a paged cache
+    dict(PAGE_SIZE=64, HAS_SEQUSED_K=True, HAS_GATE=True, GATE_SKIP=True, HAS_THRESHOLD=True,
+         BLOCK_M=64),
 ]
 # the Hopper path (configs.fwd_path "tma"): K/V through TMA descriptors, at the sm90 TMA tables
 FWD_TMA_FLAGS = [
@@ -83,7 +86,8 @@ def compile_all(pkg):
         consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, IS_CAUSAL=True, IS_LOCAL=False,
                       WINDOW_PER_QHEAD=False, IS_VARLEN=False, HAS_SEQUSED_K=False,
                       HAS_GATE=False, IS_LOGSIGMOID=True, HAS_THRESHOLD=False,
-                      GATE_SKIP=False, IS_ADAPT_GATE=False, USE_TMA=False, TMA_EDGES=False)
+                      GATE_SKIP=False, IS_ADAPT_GATE=False, USE_TMA=False, TMA_EDGES=False,
+                      PAGE_SIZE=0)
         if flags.get("USE_TMA"):
             consts["TMA_EDGES"] = True
         consts.update(flags)
@@ -195,7 +199,7 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     lines = proc.stdout.strip().splitlines()
     if triton_path == "compat":
         assert lines[0] == "triton 3.6.0", lines[0]
-    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 25, lines
+    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 26, lines
     assert sum("tma=True" in x for x in lines if x.startswith("fwd")) == 6, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 4 and "combine ok" in lines, lines

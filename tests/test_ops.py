@@ -59,14 +59,14 @@ def _fwd_args(ops, device, dtype, gated=False, varlen=False, s=40):
         v = torch.randn(s, hkv, d, generator=g).to(device, dtype)
         alpha = torch.randn(h, s, generator=g).to(device, dtype) if gated else None
         delta = torch.randn(hkv, s, generator=g).to(device, dtype) if gated else None
-        return (q, k, v, alpha, delta, cu, cu, None, None,
+        return (q, k, v, alpha, delta, cu, cu, None, None, None,
                 *ops.scalar_args(s - 10, s - 10, d ** -0.5, True, 0.0, 0.0, True, False, False))
     q = torch.randn(2, s, h, d, generator=g).to(device, dtype)
     k = torch.randn(2, s, hkv, d, generator=g).to(device, dtype)
     v = torch.randn(2, s, hkv, d, generator=g).to(device, dtype)
     alpha = torch.randn(2, h, s, generator=g).to(device, dtype) if gated else None
     delta = torch.randn(2, hkv, s, generator=g).to(device, dtype) if gated else None
-    return (q, k, v, alpha, delta, None, None, None, None,
+    return (q, k, v, alpha, delta, None, None, None, None, None,
             *ops.scalar_args(s, s, d ** -0.5, True, 0.0, 0.0 if not gated else 0.05, True,
                              False, False))
 

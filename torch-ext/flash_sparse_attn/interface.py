@@ -71,15 +71,18 @@ def block_skip_stats(skip_mask: Tensor) -> dict:
 def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes, is_local,
                softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out, lse,
-               return_lse, deterministic, return_skip_mask=False):
+               return_lse, deterministic, return_skip_mask=False, page_table=None):
     is_varlen = cu_seqlens_q is not None
     num_kv_heads = key.shape[-2]
     if not is_varlen:
         max_seqlen_q, max_seqlen_k = query.shape[1], key.shape[1]
+        if page_table is not None:  # the capacity of a sequence
+            max_seqlen_k = page_table.shape[1] * key.shape[1]
     window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, num_kv_heads,
                                     query.device)
     o, l, skip = ops.attn_fwd(
-        query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
+        query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+        window_sizes,
         *ops.scalar_args(int(max_seqlen_q), int(max_seqlen_k),
                          _scale(softmax_scale, query.shape[-1]), bool(is_causal),
                          float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
@@ -122,17 +125,24 @@ def flash_dense_attn_func(
     window_sizes: Optional[Tensor] = None, is_local: bool = False, is_quant: bool = False,
     is_split_kv: bool = False, is_split_qo: bool = False, pack_gqa: bool = False,
     out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
-    skip_checks: bool = False, return_lse: bool = False, deterministic: bool = False,
+    skip_checks: bool = False, return_lse: bool = False, deterministic: bool = False, *,
+    seqused_k: Optional[Tensor] = None, page_table: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
 ) -> Out:
     """Dense attention. query [B, Sq, H, D], key/value [B, Sk, Hkv, D] -> out [B, Sq, H, D]
-    (and lse [B, H, Sq] fp32 with return_lse=True)."""
+    (and lse [B, H, Sq] fp32 with return_lse=True). Chunked prefill over a paged cache:
+    key/value [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages] (forward
+    only); seqused_k int32 [B]: keys in use, the queries aligned to their end. num_splits is
+    a tuning hint (accepted, no effect)."""
     validate.check_attn_func(
         "dense", query, key, value, None, None, softmax_scale, window_sizes, None, None,
-        is_quant, out, lse,
+        is_quant, out, lse, seqused_k, page_table, num_splits, skip_checks,
     )
-    return _attention(query, key, value, None, None, None, None, None, None, None, is_causal,
+    return _attention(query, key, value, None, None, None, None, None, None, seqused_k,
+                      is_causal,
                       softmax_scale, window_sizes, is_local or window_sizes is not None, 0.0,
-                      None, True, False, out, lse, return_lse, deterministic)
+                      None, True, False, out, lse, return_lse, deterministic,
+                      page_table=page_table)
 
 
 def flash_sparse_attn_func(
@@ -144,22 +154,26 @@ def flash_sparse_attn_func(
     is_split_qo: bool = False, pack_gqa: bool = False, out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, deterministic: bool = False,
-    return_skip_mask: bool = False,
+    return_skip_mask: bool = False, *,
+    seqused_k: Optional[Tensor] = None, page_table: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
 ) -> Out:
     """Sparse attention: drops key blocks whose probability is provably below
-    softmax_threshold / visible_len (SPEC §5). Shapes as flash_dense_attn_func.
+    softmax_threshold / visible_len (SPEC §5). Shapes (paged caches too) as
+    flash_dense_attn_func.
     `return_skip_mask=True` also returns the block decisions [B, H, nQB, nKB] uint8
     (0 not visited, 1 kept, 2 softmax skip, 3 gate skip); see `block_skip_stats`."""
     softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
     validate.check_attn_func(
         "sparse", query, key, value, None, None, softmax_scale, window_sizes,
-        softmax_threshold, None, is_quant, out, lse,
+        softmax_threshold, None, is_quant, out, lse, seqused_k, page_table, num_splits,
+        skip_checks,
     )
-    return _attention(query, key, value, None, None, None, None, None, None, None, is_causal,
-                      softmax_scale, window_sizes, is_local or window_sizes is not None,
-                      softmax_threshold, None, True, False, out, lse, return_lse,
-                      deterministic,
-                      return_skip_mask=return_skip_mask)
+    return _attention(query, key, value, None, None, None, None, None, None, seqused_k,
+                      is_causal, softmax_scale, window_sizes,
+                      is_local or window_sizes is not None, softmax_threshold, None, True, False,
+                      out, lse, return_lse, deterministic, return_skip_mask=return_skip_mask,
+                      page_table=page_table)
 
 
 def flash_gated_attn_func(
@@ -173,19 +187,23 @@ def flash_gated_attn_func(
     pack_gqa: bool = False, out: Optional[Tensor] = None, lse: Optional[Tensor] = None,
     is_autotune: bool = False, skip_checks: bool = False, return_lse: bool = False,
     deterministic: bool = False,
-    return_skip_mask: bool = False,
+    return_skip_mask: bool = False, *,
+    seqused_k: Optional[Tensor] = None, page_table: Optional[Tensor] = None,
+    num_splits: Optional[int] = None,
 ) -> Out:
     """Gated attention: score = scale * (q.k + g(alpha_i * delta_j)) (SPEC §6).
-    alpha [B, H, Sq], delta [B, Hkv, Sk] (any strides)."""
+    alpha [B, H, Sq], delta [B, Hkv, Sk] (any strides; paged cache: [num_pages, page_size,
+    Hkv]). seqused_k, page_table, num_splits as flash_dense_attn_func."""
     validate.check_attn_func(
         "gated", query, key, value, alpha, delta, softmax_scale, window_sizes,
-        softmax_threshold, gate_threshold, is_quant, out, lse,
+        softmax_threshold, gate_threshold, is_quant, out, lse, seqused_k, page_table,
+        num_splits, skip_checks,
     )
-    return _attention(query, key, value, alpha, delta, None, None, None, None, None, is_causal,
-                      softmax_scale, window_sizes, is_local or window_sizes is not None,
-                      softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out,
-                      lse, return_lse, deterministic,
-                      return_skip_mask=return_skip_mask)
+    return _attention(query, key, value, alpha, delta, None, None, None, None, seqused_k,
+                      is_causal, softmax_scale, window_sizes,
+                      is_local or window_sizes is not None, softmax_threshold, gate_threshold,
+                      is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic,
+                      return_skip_mask=return_skip_mask, page_table=page_table)
 
 
 # ------------------------------------------------------------------------------------------

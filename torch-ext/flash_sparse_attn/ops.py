@@ -84,6 +84,7 @@ def attn_fwd(
     cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor],
     seqused_k: Optional[Tensor],
+    page_table: Optional[Tensor],
     window_sizes: Optional[Tensor],
     max_seqlens: list[int],
     floats: list[float],
@@ -93,9 +94,10 @@ def attn_fwd(
     per (batch, head, query block, key block)); it is empty when nothing can be skipped.
     Scalars come packed (`scalar_args`): max_seqlens (q, k), floats (softmax_scale,
     softmax_threshold, gate_threshold), flags (is_causal, is_logsigmoid_gate, is_adapt_gate,
-    deterministic; `deterministic` only matters to the backward, which gets it saved)."""
+    deterministic; `deterministic` only matters to the backward, which gets it saved).
+    page_table (batched only): k/v (and delta) are a paged cache [num_pages, page_size, ...]."""
     args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                seqused_k=seqused_k, window_sizes=window_sizes,
+                seqused_k=seqused_k, page_table=page_table, window_sizes=window_sizes,
                 **unpack_scalars(max_seqlens, floats, flags))
     if use_triton(q):
         from .triton.fwd import launch_attn_fwd
@@ -105,8 +107,8 @@ def attn_fwd(
 
 
 @attn_fwd.register_fake
-def _attn_fwd_fake(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
-                   max_seqlens, floats, flags):
+def _attn_fwd_fake(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+                   window_sizes, max_seqlens, floats, flags):
     is_varlen = cu_seqlens_q is not None
     out = torch.empty_like(q)
     lse = q.new_empty(_lse_shape(q, is_varlen), dtype=torch.float32)
@@ -165,14 +167,19 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, skip, alpha, delta, *rest):
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    # inputs: q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes,
-    # max_seqlens, floats, flags
+    # inputs: q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+    # window_sizes, max_seqlens, floats, flags
     out, lse, skip = output
-    ctx.save_for_backward(*inputs[:3], out, lse, skip, *inputs[3:9])
-    ctx.scalars = inputs[9:]
+    ctx.save_for_backward(*inputs[:3], out, lse, skip, *inputs[3:8], inputs[9])
+    ctx.paged = inputs[8] is not None
+    ctx.scalars = inputs[10:]
 
 
 def _fwd_backward(ctx, dout, dlse, dskip):
+    if ctx.paged:
+        raise NotImplementedError(
+            "backward through a paged KV cache (page_table) is not supported: the paged "
+            "forward is for inference (chunked prefill); pass contiguous keys/values to train")
     (q, k, v, out, lse, skip, alpha, delta, cu_q, cu_k, seqused_k,
      window_sizes) = ctx.saved_tensors
     dq, dk, dv, dalpha, ddelta = attn_bwd(
@@ -180,7 +187,7 @@ def _fwd_backward(ctx, dout, dlse, dskip):
         delta, cu_q, cu_k, seqused_k, window_sizes, *ctx.scalars,
     )
     return (dq, dk, dv, dalpha if alpha is not None else None,
-            ddelta if delta is not None else None, None, None, None, None, None, None, None)
+            ddelta if delta is not None else None, None, None, None, None, None, None, None, None)
 
 
 attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

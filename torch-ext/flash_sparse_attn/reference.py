@@ -524,11 +524,28 @@ def skip_decisions(q, k, v, *, alpha=None, delta=None, cu_seqlens_q=None, cu_seq
     return skip
 
 
+def unpage(k, v, delta, page_table):
+    """A paged cache (k/v [num_pages, page_size, Hkv, D], delta [num_pages, page_size, Hkv],
+    page_table [B, max_pages]) as contiguous [B, max_pages * page_size, Hkv, D] keys/values
+    and delta [B, Hkv, max_pages * page_size]: logical position p of sequence b is row
+    p % page_size of page page_table[b, p // page_size]."""
+    pages = page_table.long()  # [B, max_pages]
+    batch, per = pages.shape
+
+    def flat(t):  # [num_pages, page_size, ...] -> [B, per * page_size, ...]
+        return t[pages].reshape(batch, per * t.shape[1], *t.shape[2:])
+
+    return flat(k), flat(v), None if delta is None else flat(delta).transpose(1, 2)
+
+
 def attention_forward_op(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
                          window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
                          softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
-                         deterministic=False):
-    """The `fwd` op on CPU: (out, lse float32, skip uint8 of `skip_shape(...)`)."""
+                         deterministic=False, page_table=None):
+    """The `fwd` op on CPU: (out, lse float32, skip uint8 of `skip_shape(...)`). With
+    page_table (batched) the keys are a paged cache, read as `unpage` lays it out."""
+    if page_table is not None:
+        k, v, delta = unpage(k, v, delta, page_table)
     args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 seqused_k=seqused_k, window_sizes=window_sizes, softmax_scale=softmax_scale,
                 is_causal=is_causal, is_logsigmoid_gate=is_logsigmoid_gate)

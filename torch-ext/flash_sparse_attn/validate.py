@@ -324,6 +324,28 @@ def _check_windows(ctx: _Ctx, window_sizes, heads: int, kv_heads: int):
         f"window_sizes{_first(bad)} = {int(window_sizes[tuple(_first(bad))])}"))
 
 
+def _check_page_table(ctx: _Ctx, page_table, key, batch: int):
+    """A paged cache key/value [num_pages, page_size, Hkv, D] with page_table int32
+    [B, max_pages] (every entry a valid page index): returns (capacity of a sequence as a
+    thunk, its name, delta's shape and layout)."""
+    _expect_tensor(ctx, "page_table", page_table)
+    _expect_dtype(ctx, "page_table", page_table, (torch.int32,))
+    _expect_rank(ctx, "page_table", page_table, "[B, max_pages]")
+    if page_table.shape[0] != batch:
+        ctx.fail(ValueError, f"page_table has batch size {page_table.shape[0]} but query "
+                             f"has {batch}; expected the same batch size")
+    num_pages, page_size = key.shape[0], key.shape[1]
+    if page_size % PAGE_SIZE_MULTIPLE != 0:
+        ctx.fail(ValueError, f"key has page_size {page_size} (key.shape[1]); expected a "
+                             f"multiple of {PAGE_SIZE_MULTIPLE}")
+    _expect_value(ctx, lambda: (page_table < 0) | (page_table >= num_pages), lambda bad: (
+        f"page_table{_first(bad)} = {int(page_table[tuple(_first(bad))])}; expected "
+        f"entries in [0, num_pages) = [0, {num_pages})"))
+    max_len = page_table.shape[1] * page_size
+    return (lambda: max_len), "max_pages * page_size", \
+        [num_pages, page_size, key.shape[-2]], "[num_pages, page_size, Hkv]"
+
+
 def _check_scalars(ctx: _Ctx, softmax_scale, softmax_threshold, gate_threshold):
     _expect_float(ctx, "softmax_scale", softmax_scale, positive=True)
     _expect_float(ctx, "softmax_threshold", softmax_threshold)
@@ -405,20 +427,36 @@ def _check_seqused_k(ctx: _Ctx, seqused_k, batch: int, capacity: Callable[[], ob
 # entry points
 # ------------------------------------------------------------------------------------------
 def check_attn_func(variant, query, key, value, alpha, delta, softmax_scale, window_sizes,
-                    softmax_threshold, gate_threshold, is_quant, out, lse):
-    """Batched: query [B, Sq, H, D], key/value [B, Sk, Hkv, D]; gated alpha [B, H, Sq],
-    delta [B, Hkv, Sk]; out like query, lse [B, H, Sq] float32."""
-    ctx = _Ctx(_fn_name(variant, "func"))
-    ctx.memoize([window_sizes], [_shape(query), _shape(key)])
+                    softmax_threshold, gate_threshold, is_quant, out, lse, seqused_k=None,
+                    page_table=None, num_splits=None, skip_checks=False):
+    """Batched: query [B, Sq, H, D], key/value [B, Sk, Hkv, D], or a paged cache
+    [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages] (Sk = max_pages *
+    page_size); seqused_k int32 [B] (keys in use, <= Sk); gated alpha [B, H, Sq], delta
+    [B, Hkv, Sk] (paged: [num_pages, page_size, Hkv]); out like query, lse [B, H, Sq]
+    float32."""
+    ctx = _Ctx(_fn_name(variant, "func"), skip_checks)
+    ctx.memoize([window_sizes, seqused_k, page_table], [_shape(query), _shape(key)])
     _check_quant(ctx, is_quant)
-    _check_qkv(ctx, query, key, value, "[B, Sq, H, D]", "[B, Sk, Hkv, D]")
+    paged = page_table is not None
+    _check_qkv(ctx, query, key, value, "[B, Sq, H, D]",
+               "[num_pages, page_size, Hkv, D]" if paged else "[B, Sk, Hkv, D]")
     batch, seqlen_q, heads, _ = query.shape
-    seqlen_k, kv_heads = key.shape[1], key.shape[2]
-    if key.shape[0] != batch:
-        ctx.fail(ValueError, f"key has batch size {key.shape[0]} but query has {batch}; "
-                             "expected the same batch size")
+    kv_heads = key.shape[2]
+    if paged:
+        capacity, capacity_name, delta_shape, delta_layout = _check_page_table(
+            ctx, page_table, key, batch)
+        seqlen_k = capacity()
+    else:
+        if key.shape[0] != batch:
+            ctx.fail(ValueError, f"key has batch size {key.shape[0]} but query has {batch}; "
+                                 "expected the same batch size")
+        seqlen_k = key.shape[1]
+        capacity, capacity_name = (lambda: seqlen_k), "the key length key.shape[1]"
+        delta_shape, delta_layout = [batch, kv_heads, seqlen_k], "[B, Hkv, Sk]"
+    _check_seqused_k(ctx, seqused_k, batch, capacity, capacity_name)
+    _expect_int(ctx, "num_splits", num_splits, 0, optional=True)
     _check_gates(ctx, variant, alpha, delta, [batch, heads, seqlen_q], "[B, H, Sq]",
-                 [batch, kv_heads, seqlen_k], "[B, Hkv, Sk]")
+                 delta_shape, delta_layout)
     _check_windows(ctx, window_sizes, heads, kv_heads)
     _check_scalars(ctx, softmax_scale, softmax_threshold, gate_threshold)
     _check_out_lse(ctx, query, out, lse, [batch, heads, seqlen_q], "[B, H, Sq]")
@@ -496,22 +534,8 @@ def check_attn_with_kvcache_func(variant, query, key, value, alpha, delta, cu_se
 
     # cache layout -> capacity of each sequence (an int, or an int tensor [B] when packed)
     if paged:
-        _expect_tensor(ctx, "page_table", page_table)
-        _expect_dtype(ctx, "page_table", page_table, (torch.int32,))
-        _expect_rank(ctx, "page_table", page_table, "[B, max_pages]")
-        if page_table.shape[0] != batch:
-            ctx.fail(ValueError, f"page_table has batch size {page_table.shape[0]} but query "
-                                 f"has {batch}; expected the same batch size")
-        num_pages, page_size = key.shape[0], key.shape[1]
-        if page_size % PAGE_SIZE_MULTIPLE != 0:
-            ctx.fail(ValueError, f"key has page_size {page_size} (key.shape[1]); expected a "
-                                 f"multiple of {PAGE_SIZE_MULTIPLE}")
-        _expect_value(ctx, lambda: (page_table < 0) | (page_table >= num_pages), lambda bad: (
-            f"page_table{_first(bad)} = {int(page_table[tuple(_first(bad))])}; expected "
-            f"entries in [0, num_pages) = [0, {num_pages})"))
-        max_len = page_table.shape[1] * page_size
-        capacity, capacity_name = (lambda: max_len), "max_pages * page_size"
-        delta_shape, delta_layout = [num_pages, page_size, kv_heads], "[num_pages, page_size, Hkv]"
+        capacity, capacity_name, delta_shape, delta_layout = _check_page_table(
+            ctx, page_table, key, batch)
     elif packed:
         _check_cu_seqlens(ctx, "cu_seqlens_k", cu_seqlens_k, batch + 1, key.shape[0],
                           "key.shape[0]")

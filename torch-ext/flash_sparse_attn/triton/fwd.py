@@ -48,17 +48,33 @@ def _tma_tile(desc, kv, start_n, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constex
 
 
 @triton.jit
+def _rows(o_n, n_ok, kv, which: tl.constexpr, stride_row, PAGE_SIZE: tl.constexpr):
+    """int64 offsets of the rows of key positions o_n (any shape) of this sequence in K
+    (which=0), V (1) or delta (2): o_n * stride_row, or, through a page table
+    (PAGE_SIZE > 0; kv = (.., p_pt, num_pages, page strides of K, V, delta)), page *
+    page_stride + (o_n % PAGE_SIZE) * stride_row with page = p_pt[o_n // PAGE_SIZE] (clamped
+    into [0, num_pages); positions that do not exist read page 0)."""
+    if PAGE_SIZE > 0:
+        page = tl.load(kv[3] + o_n // PAGE_SIZE, mask=n_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), kv[4] - 1).to(tl.int64)
+        return page * kv[5 + which] + (o_n % PAGE_SIZE).to(tl.int64) * stride_row
+    return o_n.to(tl.int64) * stride_row
+
+
+@triton.jit
 def _tile_scores(b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv,
                  stride_ks, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-                 HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, TMA: tl.constexpr):
+                 HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, TMA: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr = 0):
     """Base-2 scores of one tile, masked keys at -inf: ((q.k + g) * scale * log2e)."""
     if TMA:
         b_k = _tma_tile(k_desc, kv, start_n, BLOCK_N, HEAD_DIM_PAD).T
     else:
         # [D, N] transposed key tile
-        b_k = load_tile(p_k0 + o_n[None, :].to(tl.int64) * stride_ks + o_d[:, None],
+        k_at = _rows(o_n, n_ok, kv, 0, stride_ks, PAGE_SIZE)
+        b_k = load_tile(p_k0 + k_at[None, :] + o_d[:, None],
                          n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     b_s = tl.dot(b_q, b_k)  # [M, N] fp32
     if HAS_GATE:
@@ -83,6 +99,7 @@ def _fwd_tile(
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
     GATE_SKIP: tl.constexpr, PHASE: tl.constexpr, TMA: tl.constexpr,
+    PAGE_SIZE: tl.constexpr = 0,
 ):
     """One key tile [start_n, start_n + BLOCK_N) (see _fwd_tiles). TMA: K and V come through
     the descriptors (Hopper path). Where the softmax test decides, V's copy is issued only for
@@ -91,11 +108,18 @@ def _fwd_tile(
     3.69 ms; t=10: 4.62 vs 2.98)."""
     o_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = o_n < seqlen_k
+    if PAGE_SIZE > 0:  # V rows as offsets (accumulate_tile reads p_v0 + v_at * v_st)
+        v_at = _rows(o_n, n_ok, kv, 1, stride_vs, PAGE_SIZE)
+        v_st = 1
+    else:
+        v_at = o_n
+        v_st = stride_vs
     if HAS_GATE:
         if MASKED:
-            b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0)
+            b_delta = tl.load(p_delta0 + _rows(o_n, n_ok, kv, 2, stride_ds, PAGE_SIZE),
+                              mask=n_ok, other=0.0)
         else:
-            b_delta = tl.load(p_delta0 + o_n * stride_ds)
+            b_delta = tl.load(p_delta0 + _rows(o_n, n_ok, kv, 2, stride_ds, PAGE_SIZE))
         b_delta = b_delta.to(tl.float32)
     else:
         b_delta = b_alpha
@@ -110,7 +134,8 @@ def _fwd_tile(
         b_s, b_g = _tile_scores(
             b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, stride_ks,
             seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA)
+            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA,
+            PAGE_SIZE)
         if HAS_THRESHOLD:
             b_mx = tl.max(b_s, 1)
             if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
@@ -118,22 +143,23 @@ def _fwd_tile(
         if code == 1:
             if TMA and HAS_THRESHOLD:
                 acc, m_i, l_i = accumulate_tile(
-                    acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0, stride_vs, HEAD_DIM, HEAD_DIM_PAD,
+                    acc, m_i, l_i, b_s, v_at, n_ok, o_d, p_v0, v_st, HEAD_DIM, HEAD_DIM_PAD,
                     MASKED, _tma_tile(v_desc, kv, start_n, BLOCK_N, HEAD_DIM_PAD))
             else:
-                acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                                 stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED, b_v)
+                acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, v_at, n_ok, o_d, p_v0,
+                                                 v_st, HEAD_DIM, HEAD_DIM_PAD, MASKED, b_v)
         tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
     else:
         b_s, b_g = _tile_scores(
             b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, stride_ks,
             seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA)
+            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA,
+            PAGE_SIZE)
         if GATE_SKIP and PHASE == 1:
             g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
                                                       float("-inf")), 1))
-        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, o_n, n_ok, o_d, p_v0,
-                                         stride_vs, HEAD_DIM, HEAD_DIM_PAD, MASKED, b_v)
+        acc, m_i, l_i = accumulate_tile(acc, m_i, l_i, b_s, v_at, n_ok, o_d, p_v0,
+                                         v_st, HEAD_DIM, HEAD_DIM_PAD, MASKED, b_v)
         if PHASE == 1:
             tl.store(p_skip + start_n // BLOCK_N, tl.full([], 1, tl.uint8))
     return acc, m_i, l_i, g_ref
@@ -141,7 +167,8 @@ def _fwd_tile(
 
 @triton.jit
 def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_hi, seqlen_k,
-               scale_log2, b_gthr, BLOCK_N: tl.constexpr, IS_LOGSIGMOID: tl.constexpr):
+               scale_log2, b_gthr, kv, BLOCK_N: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
+               PAGE_SIZE: tl.constexpr = 0):
     """The gate test of PHASE 2 for every tile of the walk, before any K is loaded, GATE_CHUNK
     tiles at a time: g is monotone in x = alpha * delta, so its max over a tile needs only the
     extremes of delta over the keys that exist. Gate-skipped tiles get code 3; the indices of
@@ -155,7 +182,8 @@ def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_h
         start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, True)  # [C]
         o_n = start_n[:, None] + tl.arange(0, BLOCK_N)[None, :]  # [C, N]
         n_ok = (o_n < seqlen_k) & t_ok[:, None]
-        b_delta = tl.load(p_delta0 + o_n * stride_ds, mask=n_ok, other=0.0).to(tl.float32)
+        b_delta = tl.load(p_delta0 + _rows(o_n, n_ok, kv, 2, stride_ds, PAGE_SIZE), mask=n_ok,
+                          other=0.0).to(tl.float32)
         d_max = tl.where(t_ok, tl.max(tl.where(n_ok, b_delta, float("-inf")), 1), 0.0)
         d_min = tl.where(t_ok, tl.min(tl.where(n_ok, b_delta, float("inf")), 1), 0.0)
         x_max = tl.where(b_alpha[:, None] >= 0, b_alpha[:, None] * d_max[None, :],
@@ -181,6 +209,7 @@ def _fwd_tiles(
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
     GATE_SKIP: tl.constexpr, PHASE: tl.constexpr, TMA: tl.constexpr,
+    PAGE_SIZE: tl.constexpr = 0,
 ):
     """Visit the key tiles of the ranges [los[r], his[r]): a plain loop for one range, else
     one walk over their union (`tile_start`), so each mask flavour has one pipelined loop.
@@ -204,11 +233,12 @@ def _fwd_tiles(
                 p_skip, k_desc, v_desc, kv, stride_ks, stride_vs, stride_ds, seqlen_k,
                 dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-                IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE, TMA)
+                IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE, TMA, PAGE_SIZE)
     else:
         if PHASE == 2 and GATE_SKIP:
             n_tiles = _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo,
-                                 a_hi, seqlen_k, scale_log2, b_gthr, BLOCK_N, IS_LOGSIGMOID)
+                                 a_hi, seqlen_k, scale_log2, b_gthr, kv, BLOCK_N, IS_LOGSIGMOID,
+                                 PAGE_SIZE)
         else:
             n_tiles = tile_count(los, his, a_lo, a_hi, BLOCK_N, PHASE == 2)
         for t in range(0, n_tiles):
@@ -219,7 +249,7 @@ def _fwd_tiles(
                 p_skip, k_desc, v_desc, kv, stride_ks, stride_vs, stride_ds, seqlen_k,
                 dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-                IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE, TMA)
+                IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, PHASE, TMA, PAGE_SIZE)
     return acc, m_i, l_i, g_ref
 
 
@@ -316,6 +346,7 @@ def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_righ
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP, LIST, K_DESC, V_DESC,
+    PAGE_TABLE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -323,9 +354,9 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_ab, stride_ah, stride_as,
     stride_db, stride_dh, stride_ds,
-    stride_wh, stride_sb, stride_sh, stride_sm,
+    stride_wh, stride_sb, stride_sh, stride_sm, stride_pb,
     seqlen_q_fixed, seqlen_k_fixed, scale_log2, H, GROUP, softmax_threshold, gate_threshold,
-    heads_first,
+    heads_first, num_pages,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -333,7 +364,11 @@ def _attn_fwd_kernel(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, GATE_SKIP: tl.constexpr, IS_ADAPT_GATE: tl.constexpr,
     USE_TMA: tl.constexpr = False, TMA_EDGES: tl.constexpr = False,
+    PAGE_SIZE: tl.constexpr = 0,
 ):
+    # PAGE_SIZE > 0 (batched): K, V and delta are a paged cache [num_pages, PAGE_SIZE, ...]
+    # (strides *_b of a page, *_s of a row); key position p of sequence b lives in page
+    # PAGE_TABLE[b, p // PAGE_SIZE], row p % PAGE_SIZE (`_rows`)
     # USE_TMA (Hopper path, configs.fwd_path): whole tiles load K/V through the descriptors
     # K_DESC/V_DESC; TMA_EDGES: masked tiles too (not with varlen or seqused_k, where rows
     # past a sequence's end belong to another sequence or to an unused cache slot, whose
@@ -384,15 +419,21 @@ def _attn_fwd_kernel(
     p_q = (Q + b_off.to(tl.int64) * stride_qb + (q_start + o_m[:, None]).to(tl.int64) * stride_qs
            + h * stride_qh + o_d[None, :])
     b_q = load_tile(p_q, m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
-    p_k0 = K + b_off.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh
-    p_v0 = V + b_off.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh
-    kv = (b_off, k_start, hk)  # descriptor coordinates of this sequence and KV head
+    # the sequence's keys: its first row (contiguous), or its page-table row (paged)
+    kb_off = b_off * 0 if PAGE_SIZE > 0 else b_off
+    p_k0 = K + kb_off.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks \
+        + hk * stride_kh
+    p_v0 = V + kb_off.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs \
+        + hk * stride_vh
+    # descriptor coordinates of this sequence and KV head; the paging of `_rows`
+    kv = (b_off, k_start, hk, PAGE_TABLE + b.to(tl.int64) * stride_pb, num_pages,
+          stride_kb, stride_vb, stride_db)
 
     if HAS_GATE:
         b_alpha = tl.load(ALPHA + b_off.to(tl.int64) * stride_ab + h * stride_ah
                           + (q_start + o_m).to(tl.int64) * stride_as, mask=m_ok, other=0.0)
         b_alpha = b_alpha.to(tl.float32)
-        p_delta0 = DELTA + b_off.to(tl.int64) * stride_db + hk * stride_dh \
+        p_delta0 = DELTA + kb_off.to(tl.int64) * stride_db + hk * stride_dh \
             + k_start.to(tl.int64) * stride_ds
     else:
         b_alpha = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -431,7 +472,7 @@ def _attn_fwd_kernel(
             K_DESC, V_DESC, kv, stride_ks, stride_vs, stride_ds, (0, a_lo), (hi_a0, a_hi),
             seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, m_i, m_i, a_lo,
             a_hi, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE,
-            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1, TMA_EDGES)
+            IS_LOGSIGMOID, HAS_THRESHOLD, GATE_SKIP, 1, TMA_EDGES, PAGE_SIZE)
         # thresholds per row; padding rows never block a skip, rows with no anchor key
         # (no reference statistics) always do
         vis = visible_count(o_m, dist_offset, seqlen_k, IS_CAUSAL, IS_LOCAL,
@@ -475,13 +516,13 @@ def _attn_fwd_kernel(
         K_DESC, V_DESC, kv, stride_ks, stride_vs, stride_ds, whole[0], whole[1], seqlen_k,
         dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-        HAS_THRESHOLD, GATE_SKIP, PHASE, USE_TMA)
+        HAS_THRESHOLD, GATE_SKIP, PHASE, USE_TMA, PAGE_SIZE)
     acc, m_i, l_i, g_ref = _fwd_tiles(
         acc, m_i, l_i, g_ref, b_q, b_alpha, o_m, o_d, p_k0, p_v0, p_delta0, p_skip, p_list,
         K_DESC, V_DESC, kv, stride_ks, stride_vs, stride_ds, edges[0], edges[1], seqlen_k,
         dist_offset, scale_log2, w_sink, w_left, w_right, w_near, b_thr, b_gthr, a_lo, a_hi,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID,
-        HAS_THRESHOLD, GATE_SKIP, PHASE, TMA_EDGES)
+        HAS_THRESHOLD, GATE_SKIP, PHASE, TMA_EDGES, PAGE_SIZE)
 
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
@@ -533,10 +574,14 @@ def _kv_descriptor(t, is_varlen, block_n, head_dim_pad):
 def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
                     window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
                     softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
-                    deterministic, config=None, path=None):
+                    deterministic, page_table=None, config=None, path=None):
     """`config` overrides the launch config (scripts/tune.py only); `path` the kernel path
-    of configs.fwd_path ("hopper", "tma" or "portable": tests compare them)."""
+    of configs.fwd_path ("hopper", "tma" or "portable": tests compare them). page_table
+    (batched): k/v [num_pages, page_size, Hkv, D] and delta [num_pages, page_size, Hkv] are
+    a paged cache, each sequence max_seqlen_k keys long (page_table.shape[1] * page_size);
+    it takes the portable path (pointer loads through the page table)."""
     is_varlen = cu_seqlens_q is not None
+    paged = page_table is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
         num_kv_heads = k.shape[1]
@@ -544,6 +589,8 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     else:
         batch, seqlen_q, num_heads, head_dim = q.shape
         seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+        if paged:
+            seqlen_k = page_table.shape[1] * k.shape[1]
     out = torch.empty_like(q)
     lse_shape = (num_heads, q.shape[0]) if is_varlen else (batch, num_heads, seqlen_q)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -559,6 +606,8 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     gate_skip = alpha is not None and gate_threshold != 0
     # an explicit `config` is a tile shape of this file's kernel (tune.py sweeps it): it never
     # goes to the Gluon kernel, whose shapes are its own (configs.hopper_config)
+    if paged:
+        path = "portable"
     path = path or configs.fwd_path(
         q, k, v, hopper_covers=config is None and not (
             is_varlen or alpha is not None or window_sizes is not None
@@ -595,15 +644,18 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         seqused_k if seqused_k is not None else dummy,
         window_sizes if is_local else dummy, skip if skip.numel() else dummy,
         torch.empty(skip.shape, dtype=torch.int32, device=q.device) if gate_skip else dummy,
-        k_desc, v_desc,
+        k_desc, v_desc, page_table if paged else dummy,
         *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
         *_strides3(out, is_varlen), *stride_l,
-        *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
+        *_gate_strides(alpha, is_varlen),
+        *((delta.stride(0), delta.stride(2), delta.stride(1)) if paged and delta is not None
+          else _gate_strides(delta, is_varlen)),  # paged delta [num_pages, page_size, Hkv]
         window_sizes.stride(0) if is_local else 0,
         *(skip.stride()[:3] if skip.dim() == 4 else (0, 0, 0)),
+        page_table.stride(0) if paged else 0,
         seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
         num_heads // num_kv_heads, float(softmax_threshold), float(gate_threshold),
-        int(configs.heads_first("fwd", is_local)),
+        int(configs.heads_first("fwd", is_local)), k.shape[0] if paged else 1,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
         WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
@@ -612,6 +664,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         HAS_GATE=alpha is not None, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
         HAS_THRESHOLD=has_threshold, GATE_SKIP=gate_skip, IS_ADAPT_GATE=bool(is_adapt_gate),
         USE_TMA=use_tma, TMA_EDGES=use_tma and not is_varlen and seqused_k is None,
+        PAGE_SIZE=k.shape[1] if paged else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, skip
