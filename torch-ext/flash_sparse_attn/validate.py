@@ -324,6 +324,16 @@ def _check_windows(ctx: _Ctx, window_sizes, heads: int, kv_heads: int):
         f"window_sizes{_first(bad)} = {int(window_sizes[tuple(_first(bad))])}"))
 
 
+def _check_contiguous_keys(ctx: _Ctx, key, batch: int, capacity_name: str):
+    """Keys [B, Sk, Hkv, D] of the query's batch: (capacity Sk as a thunk, its name, delta's
+    shape and layout), as `_check_page_table` returns them."""
+    if key.shape[0] != batch:
+        ctx.fail(ValueError, f"key has batch size {key.shape[0]} but query has {batch}; "
+                             "expected the same batch size")
+    seqlen_k = key.shape[1]
+    return (lambda: seqlen_k), capacity_name, [batch, key.shape[2], seqlen_k], "[B, Hkv, Sk]"
+
+
 def _check_page_table(ctx: _Ctx, page_table, key, batch: int):
     """A paged cache key/value [num_pages, page_size, Hkv, D] with page_table int32
     [B, max_pages] (every entry a valid page index): returns (capacity of a sequence as a
@@ -447,12 +457,9 @@ def check_attn_func(variant, query, key, value, alpha, delta, softmax_scale, win
             ctx, page_table, key, batch)
         seqlen_k = capacity()
     else:
-        if key.shape[0] != batch:
-            ctx.fail(ValueError, f"key has batch size {key.shape[0]} but query has {batch}; "
-                                 "expected the same batch size")
-        seqlen_k = key.shape[1]
-        capacity, capacity_name = (lambda: seqlen_k), "the key length key.shape[1]"
-        delta_shape, delta_layout = [batch, kv_heads, seqlen_k], "[B, Hkv, Sk]"
+        capacity, capacity_name, delta_shape, delta_layout = _check_contiguous_keys(
+            ctx, key, batch, "the key length key.shape[1]")
+        seqlen_k = capacity()
     _check_seqused_k(ctx, seqused_k, batch, capacity, capacity_name)
     _expect_int(ctx, "num_splits", num_splits, 0, optional=True)
     _check_gates(ctx, variant, alpha, delta, [batch, heads, seqlen_q], "[B, H, Sq]",
@@ -543,12 +550,8 @@ def check_attn_with_kvcache_func(variant, query, key, value, alpha, delta, cu_se
         capacity_name = "cu_seqlens_k[b+1] - cu_seqlens_k[b]"
         delta_shape, delta_layout = [kv_heads, key.shape[0]], "[Hkv, total_k]"
     else:
-        if key.shape[0] != batch:
-            ctx.fail(ValueError, f"key has batch size {key.shape[0]} but query has {batch}; "
-                                 "expected the same batch size")
-        max_len = key.shape[1]
-        capacity, capacity_name = (lambda: max_len), "the cache length key.shape[1]"
-        delta_shape, delta_layout = [batch, kv_heads, key.shape[1]], "[B, Hkv, Sk]"
+        capacity, capacity_name, delta_shape, delta_layout = _check_contiguous_keys(
+            ctx, key, batch, "the cache length key.shape[1]")
     if not packed:
         _expect_none(ctx, "max_seqlen_k", max_seqlen_k, "without cu_seqlens_k")
 
