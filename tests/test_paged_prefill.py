@@ -177,3 +177,74 @@ def test_paged_prefill_reference_path(fsa, name):
     torch.testing.assert_close(paged[0], contig[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(paged[1], contig[1], rtol=0, atol=1e-12)
     assert not torch.isnan(paged[0]).any()
+
+
+@pytest.mark.parametrize("variant", ["dense", "sparse", "gated"])
+def test_paged_varlen_prefill_equals_packed(fsa, variant):
+    """The varlen functions over a paged cache: cu_seqlens_k gives each sequence's key count,
+    its keys are positions [0, count) of its pages; bitwise the result of the same call on the
+    packed keys."""
+    device, dtype = DEV
+    gen = torch.Generator().manual_seed(11)
+    H, Hkv, D, ps, per = 4, 2, 64, 32, 6
+    q_lens, k_lens = [20, 1, 64], [150, 33, 192]
+    B = len(k_lens)
+    cap = ps * per
+    k = torch.randn(B, cap, Hkv, D, generator=gen).to(dtype)
+    v = torch.randn(B, cap, Hkv, D, generator=gen).to(dtype)
+    delta = torch.randn(B, cap, Hkv, generator=gen)
+    delta[:, 64:128] -= 100.0  # a closed 64-key block: the gate test skips it
+    delta = delta.to(dtype)
+    qs = []
+    for b, (nq, nk) in enumerate(zip(q_lens, k_lens)):
+        pos = torch.arange(nk - nq, nk)
+        qs.append((torch.randn(nq, H, D, generator=gen) + 3.0 * k[b, pos].float()
+                   .repeat_interleave(H // Hkv, 1)).to(dtype))
+        k[b, nk:] = NAN
+        v[b, nk:] = NAN
+        delta[b, nk:] = NAN
+    q = torch.cat(qs)
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(k_lens).cumsum(0).tolist(), dtype=torch.int32)
+    kp, table = _paged(k, ps, gen)
+    vp = _paged(v, ps, gen, table=table)[0]
+    dp = _paged(delta, ps, gen, table=table)[0]
+    packed = [torch.cat([t[b, :n] for b, n in enumerate(k_lens)]) for t in (k, v, delta)]
+    alpha = (1 + torch.rand(H, q.shape[0], generator=gen)).to(dtype)
+    mv = lambda t: t.to(device)  # noqa: E731
+    fn = getattr(fsa, f"flash_{variant}_attn_varlen_func")
+    extra = {} if variant == "dense" else dict(return_skip_mask=True)
+
+    def call(kk, vv, dd, **more):
+        args = [mv(q), mv(kk), mv(vv)]
+        if variant == "gated":
+            args += [mv(alpha), mv(dd)]
+        return fn(*args, mv(cu_q), mv(cu_k), max(q_lens), max(k_lens), is_causal=True,
+                  return_lse=True, **extra, **more)
+
+    got = call(kp, vp, dp, page_table=mv(table))
+    ref = call(packed[0], packed[1], packed[2].transpose(0, 1))
+    assert not torch.isnan(got[0]).any()
+    for g_, r_ in zip(got, ref):
+        assert torch.equal(torch.nan_to_num(g_.float(), neginf=-1.0),
+                           torch.nan_to_num(r_.float(), neginf=-1.0))
+    if variant != "dense":
+        assert fsa.block_skip_stats(got[2])["skipped_fraction"] > 0
+
+
+def test_paged_varlen_bad_input(fsa):
+    """A sequence longer than its pages can hold, and a delta laid out unpaged."""
+    device, dtype = DEV
+    kp = torch.zeros(4, 16, 1, 16, dtype=dtype, device=device)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device)
+    q = torch.zeros(3, 2, 16, dtype=dtype, device=device)
+    cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 33, 40], dtype=torch.int32, device=device)  # 33 > 2 pages of 16
+    with pytest.raises(ValueError, match="cu_seqlens_k gives sequence 0 33 keys"):
+        fsa.flash_dense_attn_varlen_func(q, kp, kp, cu_q, cu_k, 2, 33, page_table=table)
+    cu_k = torch.tensor([0, 20, 27], dtype=torch.int32, device=device)
+    alpha = torch.ones(2, 3, dtype=dtype, device=device)
+    with pytest.raises(ValueError, match="delta"):
+        fsa.flash_gated_attn_varlen_func(q, kp, kp, alpha, torch.zeros(1, 27, dtype=dtype,
+                                                                       device=device),
+                                         cu_q, cu_k, 2, 20, page_table=table)

@@ -218,19 +218,23 @@ def flash_dense_attn_varlen_func(
     is_split_kv: bool = False, is_split_qo: bool = False, pack_gqa: bool = False,
     seqused_q: Optional[Tensor] = None, seqused_k: Optional[Tensor] = None,
     out: Optional[Tensor] = None, lse: Optional[Tensor] = None, is_autotune: bool = False,
-    skip_checks: bool = False, return_lse: bool = False, deterministic: bool = False,
+    skip_checks: bool = False, return_lse: bool = False, deterministic: bool = False, *,
+    page_table: Optional[Tensor] = None, num_splits: Optional[int] = None,
 ) -> Out:
     """Dense varlen attention. query [total_q, H, D], key/value [total_k, Hkv, D],
-    cu_seqlens_q/k int32 [B+1] -> out [total_q, H, D] (lse [H, total_q])."""
+    cu_seqlens_q/k int32 [B+1] -> out [total_q, H, D] (lse [H, total_q]). With page_table
+    [B, max_pages] (forward only) key/value are a paged cache [num_pages, page_size, Hkv, D]:
+    sequence b's keys are positions [0, cu_seqlens_k[b+1] - cu_seqlens_k[b]) (or
+    seqused_k[b]) of its pages."""
     validate.check_attn_varlen_func(
         "dense", query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, seqused_q, seqused_k, softmax_scale, window_sizes, None, None, is_quant,
-        out, lse, skip_checks,
+        out, lse, skip_checks, page_table, num_splits,
     )
     return _attention(query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, 0.0, None, True, False, out, lse,
-                      return_lse, deterministic)
+                      return_lse, deterministic, page_table=page_table)
 
 
 def flash_sparse_attn_varlen_func(
@@ -244,20 +248,21 @@ def flash_sparse_attn_varlen_func(
     seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, deterministic: bool = False,
-    return_skip_mask: bool = False,
+    return_skip_mask: bool = False, *,
+    page_table: Optional[Tensor] = None, num_splits: Optional[int] = None,
 ) -> Out:
     """Sparse varlen attention (SPEC §5). Shapes as flash_dense_attn_varlen_func."""
     softmax_threshold = 1.0 if softmax_threshold is None else softmax_threshold
     validate.check_attn_varlen_func(
         "sparse", query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, seqused_q, seqused_k, softmax_scale, window_sizes, softmax_threshold,
-        None, is_quant, out, lse, skip_checks,
+        None, is_quant, out, lse, skip_checks, page_table, num_splits,
     )
     return _attention(query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, None, True,
                       False, out, lse, return_lse, deterministic,
-                      return_skip_mask=return_skip_mask)
+                      return_skip_mask=return_skip_mask, page_table=page_table)
 
 
 def flash_gated_attn_varlen_func(
@@ -273,19 +278,20 @@ def flash_gated_attn_varlen_func(
     seqused_k: Optional[Tensor] = None, out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, is_autotune: bool = False, skip_checks: bool = False,
     return_lse: bool = False, deterministic: bool = False,
-    return_skip_mask: bool = False,
+    return_skip_mask: bool = False, *,
+    page_table: Optional[Tensor] = None, num_splits: Optional[int] = None,
 ) -> Out:
     """Gated varlen attention (SPEC §6). alpha [H, total_q], delta [Hkv, total_k]."""
     validate.check_attn_varlen_func(
         "gated", query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, seqused_q, seqused_k, softmax_scale, window_sizes, softmax_threshold,
-        gate_threshold, is_quant, out, lse, skip_checks,
+        gate_threshold, is_quant, out, lse, skip_checks, page_table, num_splits,
     )
     return _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, gate_threshold,
                       is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic,
-                      return_skip_mask=return_skip_mask)
+                      return_skip_mask=return_skip_mask, page_table=page_table)
 
 
 # ------------------------------------------------------------------------------------------

@@ -524,18 +524,28 @@ def skip_decisions(q, k, v, *, alpha=None, delta=None, cu_seqlens_q=None, cu_seq
     return skip
 
 
-def unpage(k, v, delta, page_table):
+def unpage(k, v, delta, page_table, cu_seqlens_k=None):
     """A paged cache (k/v [num_pages, page_size, Hkv, D], delta [num_pages, page_size, Hkv],
     page_table [B, max_pages]) as contiguous [B, max_pages * page_size, Hkv, D] keys/values
     and delta [B, Hkv, max_pages * page_size]: logical position p of sequence b is row
-    p % page_size of page page_table[b, p // page_size]."""
+    p % page_size of page page_table[b, p // page_size]. With cu_seqlens_k (varlen): packed
+    [total_k, Hkv, D] / delta [Hkv, total_k], sequence b's first
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] positions at rows cu_seqlens_k[b]:cu_seqlens_k[b+1]."""
     pages = page_table.long()  # [B, max_pages]
     batch, per = pages.shape
 
     def flat(t):  # [num_pages, page_size, ...] -> [B, per * page_size, ...]
         return t[pages].reshape(batch, per * t.shape[1], *t.shape[2:])
 
-    return flat(k), flat(v), None if delta is None else flat(delta).transpose(1, 2)
+    k, v, d = flat(k), flat(v), None if delta is None else flat(delta)
+    if cu_seqlens_k is None:
+        return k, v, None if d is None else d.transpose(1, 2)
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+
+    def pack(t):
+        return torch.cat([t[b, :n] for b, n in enumerate(lengths)])
+
+    return pack(k), pack(v), None if d is None else pack(d).transpose(0, 1)
 
 
 def attention_forward_op(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
@@ -545,7 +555,7 @@ def attention_forward_op(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, s
     """The `fwd` op on CPU: (out, lse float32, skip uint8 of `skip_shape(...)`). With
     page_table (batched) the keys are a paged cache, read as `unpage` lays it out."""
     if page_table is not None:
-        k, v, delta = unpage(k, v, delta, page_table)
+        k, v, delta = unpage(k, v, delta, page_table, cu_seqlens_k)
     args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 seqused_k=seqused_k, window_sizes=window_sizes, softmax_scale=softmax_scale,
                 is_causal=is_causal, is_logsigmoid_gate=is_logsigmoid_gate)

@@ -376,10 +376,10 @@ def _seq_lengths(cu: Tensor) -> Tensor:
     return cu[1:] - cu[:-1]
 
 
-def _check_cu_seqlens(ctx: _Ctx, name: str, cu, batch_plus_one: Optional[int], total: int,
-                      total_name: str) -> int:
-    """int32 [B+1]; (value checks) starts at 0, non-decreasing, last entry == total.
-    Returns B+1."""
+def _check_cu_seqlens(ctx: _Ctx, name: str, cu, batch_plus_one: Optional[int],
+                      total: Optional[int], total_name: str) -> int:
+    """int32 [B+1]; (value checks) starts at 0, non-decreasing, last entry == total (unless
+    total is None: lengths only, as over a paged cache). Returns B+1."""
     _expect_tensor(ctx, name, cu)
     _expect_dtype(ctx, name, cu, (torch.int32,))
     if cu.dim() != 1 or cu.shape[0] < 1:
@@ -393,8 +393,9 @@ def _check_cu_seqlens(ctx: _Ctx, name: str, cu, batch_plus_one: Optional[int], t
         f"{name} must be non-decreasing, got {name}[{_first(bad)[0]}] = "
         f"{int(cu[_first(bad)[0]])} > {name}[{_first(bad)[0] + 1}] = "
         f"{int(cu[_first(bad)[0] + 1])}"))
-    _expect_value(ctx, lambda: cu[-1] != total, lambda _: (
-        f"{name}[-1] = {int(cu[-1])}; expected it to equal {total_name} = {total}"))
+    if total is not None:
+        _expect_value(ctx, lambda: cu[-1] != total, lambda _: (
+            f"{name}[-1] = {int(cu[-1])}; expected it to equal {total_name} = {total}"))
     return cu.shape[0]
 
 
@@ -473,23 +474,38 @@ def check_attn_func(variant, query, key, value, alpha, delta, softmax_scale, win
 def check_attn_varlen_func(variant, query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k,
                            max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale,
                            window_sizes, softmax_threshold, gate_threshold, is_quant, out, lse,
-                           skip_checks):
+                           skip_checks, page_table=None, num_splits=None):
     """Varlen: query [total_q, H, D], key/value [total_k, Hkv, D], cu_seqlens_q/k int32 [B+1],
     seqused_k int32 [B]; gated alpha [H, total_q], delta [Hkv, total_k]; out like query,
     lse [H, total_q] float32. max_seqlen_q >= every query length; max_seqlen_k >= every key
-    length used (seqused_k[b] where given, else the cu_seqlens_k length)."""
+    length used (seqused_k[b] where given, else the cu_seqlens_k length). With page_table
+    [B, max_pages]: key/value a paged cache [num_pages, page_size, Hkv, D] (delta
+    [num_pages, page_size, Hkv]); cu_seqlens_k then only gives lengths, each at most
+    max_pages * page_size."""
     ctx = _Ctx(_fn_name(variant, "varlen_func"), skip_checks)
-    ctx.memoize([cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes],
+    ctx.memoize([cu_seqlens_q, cu_seqlens_k, seqused_k, window_sizes, page_table],
                 [_shape(query), _shape(key), max_seqlen_q, max_seqlen_k])
     _check_quant(ctx, is_quant)
     if seqused_q is not None:
         ctx.fail(ValueError, "seqused_q is not supported; expected None (trim cu_seqlens_q "
                              "instead)")
-    _check_qkv(ctx, query, key, value, "[total_q, H, D]", "[total_k, Hkv, D]")
+    paged = page_table is not None
+    _check_qkv(ctx, query, key, value, "[total_q, H, D]",
+               "[num_pages, page_size, Hkv, D]" if paged else "[total_k, Hkv, D]")
     total_q, heads, _ = query.shape
-    total_k, kv_heads = key.shape[0], key.shape[1]
+    total_k, kv_heads = key.shape[0], key.shape[-2]
     n = _check_cu_seqlens(ctx, "cu_seqlens_q", cu_seqlens_q, None, total_q, "query.shape[0]")
-    _check_cu_seqlens(ctx, "cu_seqlens_k", cu_seqlens_k, n, total_k, "key.shape[0]")
+    _check_cu_seqlens(ctx, "cu_seqlens_k", cu_seqlens_k, n, None if paged else total_k,
+                      "key.shape[0]")
+    delta_shape, delta_layout = [kv_heads, total_k], "[Hkv, total_k]"
+    if paged:
+        capacity, capacity_name, delta_shape, delta_layout = _check_page_table(
+            ctx, page_table, key, n - 1)
+        _expect_value(ctx, lambda: _seq_lengths(cu_seqlens_k) > capacity(), lambda bad: (
+            f"cu_seqlens_k gives sequence {_first(bad)[0]} "
+            f"{int(_seq_lengths(cu_seqlens_k)[_first(bad)[0]])} keys; expected at most "
+            f"{capacity_name} = {capacity()}"))
+    _expect_int(ctx, "num_splits", num_splits, 0, optional=True)
     has_used = _check_seqused_k(ctx, seqused_k, n - 1, lambda: _seq_lengths(cu_seqlens_k),
                                 "cu_seqlens_k[b+1] - cu_seqlens_k[b]")
     _check_max_seqlen(ctx, "max_seqlen_q", max_seqlen_q, lambda: _seq_lengths(cu_seqlens_q),
@@ -500,8 +516,8 @@ def check_attn_varlen_func(variant, query, key, value, alpha, delta, cu_seqlens_
     else:
         _check_max_seqlen(ctx, "max_seqlen_k", max_seqlen_k, lambda: _seq_lengths(cu_seqlens_k),
                           "key length")
-    _check_gates(ctx, variant, alpha, delta, [heads, total_q], "[H, total_q]",
-                 [kv_heads, total_k], "[Hkv, total_k]")
+    _check_gates(ctx, variant, alpha, delta, [heads, total_q], "[H, total_q]", delta_shape,
+                 delta_layout)
     _check_windows(ctx, window_sizes, heads, kv_heads)
     _check_scalars(ctx, softmax_scale, softmax_threshold, gate_threshold)
     _check_out_lse(ctx, query, out, lse, [heads, total_q], "[H, total_q]")

@@ -419,11 +419,13 @@ def _attn_fwd_kernel(
     p_q = (Q + b_off.to(tl.int64) * stride_qb + (q_start + o_m[:, None]).to(tl.int64) * stride_qs
            + h * stride_qh + o_d[None, :])
     b_q = load_tile(p_q, m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
-    # the sequence's keys: its first row (contiguous), or its page-table row (paged)
+    # the sequence's keys: its first row (contiguous, packed), or its page-table row (paged:
+    # positions from 0 whatever cu_seqlens_k says, which then only gives the lengths)
     kb_off = b_off * 0 if PAGE_SIZE > 0 else b_off
-    p_k0 = K + kb_off.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks \
+    ks_off = k_start * 0 if PAGE_SIZE > 0 else k_start
+    p_k0 = K + kb_off.to(tl.int64) * stride_kb + ks_off.to(tl.int64) * stride_ks \
         + hk * stride_kh
-    p_v0 = V + kb_off.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs \
+    p_v0 = V + kb_off.to(tl.int64) * stride_vb + ks_off.to(tl.int64) * stride_vs \
         + hk * stride_vh
     # descriptor coordinates of this sequence and KV head; the paging of `_rows`
     kv = (b_off, k_start, hk, PAGE_TABLE + b.to(tl.int64) * stride_pb, num_pages,
@@ -434,7 +436,7 @@ def _attn_fwd_kernel(
                           + (q_start + o_m).to(tl.int64) * stride_as, mask=m_ok, other=0.0)
         b_alpha = b_alpha.to(tl.float32)
         p_delta0 = DELTA + kb_off.to(tl.int64) * stride_db + hk * stride_dh \
-            + k_start.to(tl.int64) * stride_ds
+            + ks_off.to(tl.int64) * stride_ds
     else:
         b_alpha = tl.zeros([BLOCK_M], dtype=tl.float32)
         p_delta0 = DELTA
@@ -577,14 +579,15 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                     deterministic, page_table=None, config=None, path=None):
     """`config` overrides the launch config (scripts/tune.py only); `path` the kernel path
     of configs.fwd_path ("hopper", "tma" or "portable": tests compare them). page_table
-    (batched): k/v [num_pages, page_size, Hkv, D] and delta [num_pages, page_size, Hkv] are
-    a paged cache, each sequence max_seqlen_k keys long (page_table.shape[1] * page_size);
-    it takes the portable path (pointer loads through the page table)."""
+    (batched or varlen): k/v [num_pages, page_size, Hkv, D] and delta [num_pages, page_size,
+    Hkv] are a paged cache, a sequence's keys positions [0, its length) of its pages (batched:
+    page_table.shape[1] * page_size long, or seqused_k); the portable path (pointer loads
+    through the page table)."""
     is_varlen = cu_seqlens_q is not None
     paged = page_table is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
-        num_kv_heads = k.shape[1]
+        num_kv_heads = k.shape[-2]
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     else:
         batch, seqlen_q, num_heads, head_dim = q.shape
@@ -645,7 +648,8 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         window_sizes if is_local else dummy, skip if skip.numel() else dummy,
         torch.empty(skip.shape, dtype=torch.int32, device=q.device) if gate_skip else dummy,
         k_desc, v_desc, page_table if paged else dummy,
-        *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
+        *_strides3(q, is_varlen), *_strides3(k, is_varlen and not paged),
+        *_strides3(v, is_varlen and not paged),
         *_strides3(out, is_varlen), *stride_l,
         *_gate_strides(alpha, is_varlen),
         *((delta.stride(0), delta.stride(2), delta.stride(1)) if paged and delta is not None
