@@ -166,11 +166,34 @@ def test_flash_attn_func_unsupported_features_raise(fsa, kwargs, needle):
         fsa.flash_attn_func(q, k, v, **kwargs)
 
 
-def test_flash_attn_varlen_func_rejects_block_table(fsa):
-    q, k, v = (t[0] for t in qkv(b=1, sq=8, sk=8, d=16))
-    cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match="block_table"):
-        fsa.flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, block_table=torch.zeros(1, 1))
+def test_flash_attn_varlen_func_block_table(fsa, ref_path):
+    """A paged KV cache as FlashAttention takes it (block_table int64 [B, max_blocks], k/v
+    [num_blocks, block_size, Hkv, D], cu_seqlens_k the key counts): the result of the same
+    call on the packed keys; a block size that is not a multiple of 16 is refused."""
+    lens_q, lens_k, bs = [5, 16], [40, 16], 16
+    qs = [qkv(b=1, sq=n, sk=1, d=16)[0][0] for n in lens_q]
+    kv = [qkv(b=1, sq=1, sk=n, d=16)[1:] for n in lens_k]
+    k_blocks = torch.zeros(8, bs, 2, 16, dtype=qs[0].dtype)
+    v_blocks = torch.zeros_like(k_blocks)
+    table = torch.tensor([[5, 2, 7], [0, 3, 1]], dtype=torch.int64)
+    for b, ((k, v), n) in enumerate(zip(kv, lens_k)):
+        for j in range(-(-n // bs)):
+            rows = slice(j * bs, min(j * bs + bs, n))
+            k_blocks[table[b, j], : rows.stop - rows.start] = k[0, rows]
+            v_blocks[table[b, j], : rows.stop - rows.start] = v[0, rows]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.cat(qs)
+    paged = fsa.flash_attn_varlen_func(q, k_blocks, v_blocks, cu_q, cu_k, max(lens_q),
+                                       max(lens_k), causal=True, block_table=table)
+    packed = fsa.flash_attn_varlen_func(q, torch.cat([k[0] for k, _ in kv]),
+                                        torch.cat([v[0] for _, v in kv]), cu_q, cu_k,
+                                        max(lens_q), max(lens_k), causal=True)
+    torch.testing.assert_close(paged, packed, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="page_size"):
+        fsa.flash_attn_varlen_func(q, k_blocks.view(16, 8, 2, 16), v_blocks.view(16, 8, 2, 16),
+                                   cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                   block_table=table)
 
 
 # ---------------------------------------------------------------------------------------------

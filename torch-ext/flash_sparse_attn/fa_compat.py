@@ -4,8 +4,11 @@
 package's dense attention, so code written for `flash_attn` (and `transformers`, which loads
 `attn_implementation="<org>/flash-sparse-attn"` through exactly these two names) runs unchanged.
 A FlashAttention feature that has no exact equivalent here raises `ValueError` instead of being
-approximated: `dropout_p > 0`, `softcap`, `alibi_slopes`, attention sinks (`s_aux`), paged KV
-(`block_table`), and windows that let a query see keys after its own position.
+approximated: `dropout_p > 0`, `softcap`, `alibi_slopes`, attention sinks (`s_aux`), and
+windows that let a query see keys after its own position. `flash_attn_varlen_func` takes a
+paged KV cache as FlashAttention does (`block_table [B, max_blocks]`, k/v
+`[num_blocks, block_size, Hkv, D]`, `cu_seqlens_k` giving each sequence's key count; forward
+only, block sizes a multiple of 16).
 
 Windows. FlashAttention's `window_size=(left, right)` lets query `i` see key `j` when
 `-right <= dist <= left`, `dist = i + Sk - Sq - j` (-1 = unbounded; `causal=True` forces
@@ -41,7 +44,7 @@ TRANSFORMERS_NAMES = {"dense": "fsa_dense", "sparse": "fsa_sparse", "gated": "fs
 # ------------------------------------------------------------------------------------------
 # argument mapping
 # ------------------------------------------------------------------------------------------
-def _unsupported(fn: str, dropout_p, softcap, alibi_slopes, s_aux=None, block_table=None):
+def _unsupported(fn: str, dropout_p, softcap, alibi_slopes, s_aux=None):
     if dropout_p is not None and float(dropout_p) != 0.0:
         raise ValueError(f"{fn}: dropout_p={dropout_p} is not supported; expected 0.0 "
                          "(flash-sparse-attn has no attention dropout)")
@@ -52,9 +55,6 @@ def _unsupported(fn: str, dropout_p, softcap, alibi_slopes, s_aux=None, block_ta
         raise ValueError(f"{fn}: alibi_slopes is not supported; expected None")
     if s_aux is not None:
         raise ValueError(f"{fn}: s_aux (attention sinks) is not supported; expected None")
-    if block_table is not None:
-        raise ValueError(f"{fn}: block_table (paged KV) is not supported here; expected None "
-                         "(use flash_dense_attn_with_kvcache_func with page_table)")
 
 
 def _window_args(fn: str, window_size, causal: bool, num_kv_heads: int, single_query: bool,
@@ -134,16 +134,19 @@ def flash_attn_varlen_func(
 ):
     """FlashAttention's `flash_attn_varlen_func` on dense attention: q [total_q, H, D], k/v
     [total_k, Hkv, D], cu_seqlens_q/k [B+1] (int64 is converted to int32) -> out
-    [total_q, H, D]; with `return_attn_probs=True`, (out, lse [H, total_q], None)."""
+    [total_q, H, D]; with `return_attn_probs=True`, (out, lse [H, total_q], None). With
+    block_table [B, max_blocks] (int64 converted too), k/v are a paged cache
+    [num_blocks, block_size, Hkv, D] (forward only)."""
     fn = "flash_attn_varlen_func"
-    _unsupported(fn, dropout_p, softcap, alibi_slopes, s_aux, block_table)
+    _unsupported(fn, dropout_p, softcap, alibi_slopes, s_aux)
     max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     is_causal, windows = _window_args(fn, window_size, causal, k.shape[-2], max_seqlen_q == 1,
                                       q.device)
     res = interface.flash_dense_attn_varlen_func(
         q, k, v, _as_cu(cu_seqlens_q), _as_cu(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
         is_causal=is_causal, softmax_scale=softmax_scale, window_sizes=windows,
-        deterministic=deterministic, return_lse=True)
+        deterministic=deterministic, return_lse=True,
+        page_table=None if block_table is None else _as_cu(block_table))
     return _result(res, return_attn_probs)
 
 
