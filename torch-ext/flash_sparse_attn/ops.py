@@ -95,7 +95,8 @@ def attn_fwd(
     Scalars come packed (`scalar_args`): max_seqlens (q, k), floats (softmax_scale,
     softmax_threshold, gate_threshold), flags (is_causal, is_logsigmoid_gate, is_adapt_gate,
     deterministic; `deterministic` only matters to the backward, which gets it saved).
-    page_table (batched only): k/v (and delta) are a paged cache [num_pages, page_size, ...]."""
+    page_table (batched or varlen): k/v (and delta) are a paged cache
+    [num_pages, page_size, ...]."""
     args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 seqused_k=seqused_k, page_table=page_table, window_sizes=window_sizes,
                 **unpack_scalars(max_seqlens, floats, flags))

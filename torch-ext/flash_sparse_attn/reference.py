@@ -553,7 +553,7 @@ def attention_forward_op(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, s
                          softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
                          deterministic=False, page_table=None):
     """The `fwd` op on CPU: (out, lse float32, skip uint8 of `skip_shape(...)`). With
-    page_table (batched) the keys are a paged cache, read as `unpage` lays it out."""
+    page_table (batched or varlen) the keys are a paged cache, read as `unpage` lays it out."""
     if page_table is not None:
         k, v, delta = unpage(k, v, delta, page_table, cu_seqlens_k)
     args = dict(alpha=alpha, delta=delta, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -111,6 +111,44 @@ def gate_2d(x, IS_LOGSIGMOID: tl.constexpr):
 
 
 @triton.jit
+def gate_max(alpha, d_max, d_min, IS_LOGSIGMOID: tl.constexpr):
+    """Upper bound of g(alpha * delta) over a block whose delta lies in [d_min, d_max] (any
+    broadcastable shapes): g is monotone in x = alpha * delta, so the bound is g at the
+    extreme x (the gate test of SPEC §6, which needs no K)."""
+    return gate_2d(tl.where(alpha >= 0, alpha * d_max, alpha * d_min), IS_LOGSIGMOID)
+
+
+@triton.jit
+def softmax_skip_threshold(m_ref, l_ref, softmax_threshold, visible_len, row_ok):
+    """Per-row bound of the softmax test (SPEC §5, base 2): a block whose row max stays below
+    it for every row may go, m_ref + log2(t * l_ref / visible_len) from the anchors' exact
+    statistics (m_ref, l_ref). Rows without anchor statistics keep every block they see
+    (-inf); padding rows (not row_ok) never keep one (+inf)."""
+    thr = tl.where(l_ref > 0.0, m_ref + tl.math.log2(softmax_threshold * l_ref / visible_len),
+                   float("-inf"))
+    return tl.where(row_ok, thr, float("inf"))
+
+
+@triton.jit
+def gate_skip_threshold(g_ref, tg, scale_log2, row_ok):
+    """Per-row bound of the gate test (SPEC §6, base 2): a block whose gate bound (`gate_max`,
+    times scale_log2) stays below it for every row may go, g_ref * scale_log2 + log2(tg);
+    -inf without an anchor gate, +inf for padding rows."""
+    thr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg), float("-inf"))
+    return tl.where(row_ok, thr, float("inf"))
+
+
+@triton.jit
+def page_of(pos, ok, p_pt, num_pages, PAGE_SIZE: tl.constexpr):
+    """(page, row) int64 of logical key positions pos (any shape) of one sequence in a paged
+    cache: page p_pt[pos // PAGE_SIZE] (clamped into [0, num_pages); positions that are not
+    `ok` read page 0), row pos % PAGE_SIZE."""
+    page = tl.load(p_pt + pos // PAGE_SIZE, mask=ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+    return page, (pos % PAGE_SIZE).to(tl.int64)
+
+
+@triton.jit
 def gate_grad_2d(g, IS_LOGSIGMOID: tl.constexpr):
     """g'(x) from the gate's value g = g(x): sigmoid(-x) = 1 - exp(logsigmoid(x)) for
     logsigmoid (one exp2, no reciprocal; the absolute error stays at the gate's own 1e-5), 1
@@ -139,12 +177,19 @@ def online_softmax_step(b_s, m_i, l_i):
     Returns (b_p [M, N] unnormalised probabilities, m_new, l_new, b_rescale [M]); the caller
     rescales its accumulator by b_rescale and adds b_p @ V.
     """
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
-    m_use = safe_max(m_new)
+    m_new, m_use, b_rescale = softmax_rescale(m_i, tl.max(b_s, 1))
     b_p = tl.math.exp2(b_s - m_use[:, None])
-    b_rescale = tl.math.exp2(m_i - m_use)  # 0 while m_i is -inf
     l_new = l_i * b_rescale + tl.sum(b_p, 1)
     return b_p, m_new, l_new, b_rescale
+
+
+@triton.jit
+def softmax_rescale(m_i, b_mx):
+    """The running-max part of an online-softmax step, for a tile whose row max is b_mx:
+    (m_new, m_use = the exp2 offset, b_rescale = exp2(m_i - m_use), 0 while m_i is -inf)."""
+    m_new = tl.maximum(m_i, b_mx)
+    m_use = safe_max(m_new)
+    return m_new, m_use, tl.math.exp2(m_i - m_use)
 
 
 @triton.jit

@@ -55,7 +55,8 @@ import triton.language as tl
 from . import configs
 from .configs import decode_block_m, decode_config, decode_num_splits, num_sms
 from .combine import launch_combine
-from .common import LN2, accumulate_tile, gate, gate_2d, load_tile, visible_2d
+from .common import (LN2, accumulate_tile, gate, gate_max, gate_skip_threshold, load_tile,
+                     online_softmax_step, page_of, softmax_skip_threshold, visible_2d)
 
 # split heuristic (decode_num_splits): resident programs per SM assumed, least tiles per split
 
@@ -222,9 +223,7 @@ def _tile_keys(start, seqlen, n_items, p_pt, p_g, stride_kb, stride_ks, stride_v
         pos = o_t
         n_ok = pos < seqlen
     if IS_PAGED:
-        page = tl.load(p_pt + pos // PAGE_SIZE, mask=n_ok, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        row = (pos % PAGE_SIZE).to(tl.int64)
+        page, row = page_of(pos, n_ok, p_pt, num_pages, PAGE_SIZE)
         return pos, n_ok, page * stride_kb + row * stride_ks, page * stride_vb + row * stride_vs, \
             page * stride_db + row * stride_ds
     row = pos.to(tl.int64)
@@ -301,8 +300,7 @@ def _decode_tiles(
                 # g is monotone in alpha * delta: its max over the block from delta's extremes
                 d_max = tl.max(tl.where(n_ok, b_delta, float("-inf")), 0)
                 d_min = tl.min(tl.where(n_ok, b_delta, float("inf")), 0)
-                g_max = gate_2d(tl.where(b_alpha >= 0, b_alpha * d_max, b_alpha * d_min),
-                                IS_LOGSIGMOID)
+                g_max = gate_max(b_alpha, d_max, d_min, IS_LOGSIGMOID)
                 keep = keep & (anchor | (g_max * scale_log2 >= b_gthr))
             code = tl.where(keep, 1, 3)
             if GATE_SKIP:  # K only when some row passed the gate test
@@ -362,19 +360,12 @@ def _anchor_thresholds(b_q, b_alpha, seqlen, o_d, r_ok, p_k0, p_d0, p_pt, stride
             b_delta = b_alpha
         b_s, b_g = _tile_scores(b_q, b_alpha, o_k, b_delta, n_ok, n_ok[None, :], o_d, p_k0,
                                 scale_log2, HEAD_DIM, HEAD_DIM_PAD, HAS_GATE, IS_LOGSIGMOID)
-        m_new = tl.maximum(m_ref, tl.max(b_s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_ref = l_ref * tl.math.exp2(m_ref - m_use) + \
-            tl.sum(tl.math.exp2(b_s - m_use[:, None]), 1)
-        m_ref = m_new
+        _, m_ref, l_ref, _ = online_softmax_step(b_s, m_ref, l_ref)
         g_ref = tl.maximum(g_ref, tl.max(tl.where(n_ok[None, :], b_g, float("-inf")), 1))
     len_f = tl.maximum(seqlen, 1).to(tl.float32)
-    b_thr = tl.where(l_ref > 0.0, m_ref + tl.math.log2(softmax_threshold * l_ref / len_f),
-                     float("-inf"))
     tg = tl.where(gate_threshold < 0, 1.0 / len_f, gate_threshold)
-    b_gthr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg),
-                      float("-inf"))
-    return tl.where(r_ok, b_thr, float("inf")), tl.where(r_ok, b_gthr, float("inf"))
+    return softmax_skip_threshold(m_ref, l_ref, softmax_threshold, len_f, r_ok), \
+        gate_skip_threshold(g_ref, tg, scale_log2, r_ok)
 
 
 @triton.jit

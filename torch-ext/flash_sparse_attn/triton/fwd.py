@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LN2, accumulate_tile, gate, gate_2d, load_tile, program_tile, tile_count,
-                     tile_start, visible, visible_count, walk_start)
+from .common import (LN2, accumulate_tile, gate, gate_max, gate_skip_threshold, load_tile,
+                     page_of, program_tile, softmax_skip_threshold, tile_count, tile_start,
+                     visible, visible_count, walk_start)
 
 
 @triton.jit
@@ -48,32 +49,30 @@ def _tma_tile(desc, kv, start_n, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constex
 
 
 @triton.jit
-def _rows(o_n, n_ok, kv, which: tl.constexpr, stride_row, PAGE_SIZE: tl.constexpr):
-    """int64 offsets of the rows of key positions o_n (any shape) of this sequence in K
-    (which=0), V (1) or delta (2): o_n * stride_row, or, through a page table
-    (PAGE_SIZE > 0; kv = (.., p_pt, num_pages, page strides of K, V, delta)), page *
-    page_stride + (o_n % PAGE_SIZE) * stride_row with page = p_pt[o_n // PAGE_SIZE] (clamped
-    into [0, num_pages); positions that do not exist read page 0)."""
+def _delta_rows(o_n, n_ok, kv, stride_ds, PAGE_SIZE: tl.constexpr):
+    """Offsets of delta at key positions o_n (any shape) of this sequence: o_n * stride_ds,
+    or through the page table (PAGE_SIZE > 0, kv = (.., p_pt, num_pages, page strides of K,
+    V, delta), `common.page_of`)."""
     if PAGE_SIZE > 0:
-        page = tl.load(kv[3] + o_n // PAGE_SIZE, mask=n_ok, other=0)
-        page = tl.minimum(tl.maximum(page, 0), kv[4] - 1).to(tl.int64)
-        return page * kv[5 + which] + (o_n % PAGE_SIZE).to(tl.int64) * stride_row
-    return o_n.to(tl.int64) * stride_row
+        page, row = page_of(o_n, n_ok, kv[3], kv[4], PAGE_SIZE)
+        rows = page * kv[7] + row * stride_ds
+    else:
+        rows = o_n * stride_ds
+    return rows
 
 
 @triton.jit
 def _tile_scores(b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv,
-                 stride_ks, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
+                 k_at, seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
-                 HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, TMA: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr = 0):
-    """Base-2 scores of one tile, masked keys at -inf: ((q.k + g) * scale * log2e)."""
+                 HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr, TMA: tl.constexpr):
+    """Base-2 scores of one tile, masked keys at -inf: ((q.k + g) * scale * log2e). k_at:
+    the int64 offsets of the tile's key rows from p_k0 (pointer loads)."""
     if TMA:
         b_k = _tma_tile(k_desc, kv, start_n, BLOCK_N, HEAD_DIM_PAD).T
     else:
         # [D, N] transposed key tile
-        k_at = _rows(o_n, n_ok, kv, 0, stride_ks, PAGE_SIZE)
         b_k = load_tile(p_k0 + k_at[None, :] + o_d[:, None],
                          n_ok[None, :], o_d[:, None], HEAD_DIM, HEAD_DIM_PAD, MASKED)
     b_s = tl.dot(b_q, b_k)  # [M, N] fp32
@@ -108,18 +107,24 @@ def _fwd_tile(
     3.69 ms; t=10: 4.62 vs 2.98)."""
     o_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = o_n < seqlen_k
-    if PAGE_SIZE > 0:  # V rows as offsets (accumulate_tile reads p_v0 + v_at * v_st)
-        v_at = _rows(o_n, n_ok, kv, 1, stride_vs, PAGE_SIZE)
+    # rows of the tile's keys in K, V and delta (accumulate_tile reads p_v0 + v_at * v_st);
+    # a paged cache looks its pages up once per tile
+    if PAGE_SIZE > 0:
+        page, row = page_of(o_n, n_ok, kv[3], kv[4], PAGE_SIZE)
+        k_at = page * kv[5] + row * stride_ks
+        v_at = page * kv[6] + row * stride_vs
         v_st = 1
+        d_at = page * kv[7] + row * stride_ds
     else:
+        k_at = o_n.to(tl.int64) * stride_ks
         v_at = o_n
         v_st = stride_vs
+        d_at = o_n * stride_ds
     if HAS_GATE:
         if MASKED:
-            b_delta = tl.load(p_delta0 + _rows(o_n, n_ok, kv, 2, stride_ds, PAGE_SIZE),
-                              mask=n_ok, other=0.0)
+            b_delta = tl.load(p_delta0 + d_at, mask=n_ok, other=0.0)
         else:
-            b_delta = tl.load(p_delta0 + _rows(o_n, n_ok, kv, 2, stride_ds, PAGE_SIZE))
+            b_delta = tl.load(p_delta0 + d_at)
         b_delta = b_delta.to(tl.float32)
     else:
         b_delta = b_alpha
@@ -132,10 +137,9 @@ def _fwd_tile(
         # K load stays unconditional (and pipelined); a skip saves the exp, V load and P @ V
         code = start_n * 0 + 1
         b_s, b_g = _tile_scores(
-            b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, stride_ks,
+            b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, k_at,
             seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA,
-            PAGE_SIZE)
+            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA)
         if HAS_THRESHOLD:
             b_mx = tl.max(b_s, 1)
             if tl.max(((b_mx > float("-inf")) & (b_mx >= b_thr)).to(tl.int32), 0) == 0:
@@ -151,10 +155,9 @@ def _fwd_tile(
         tl.store(p_skip + start_n // BLOCK_N, code.to(tl.uint8))
     else:
         b_s, b_g = _tile_scores(
-            b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, stride_ks,
+            b_q, b_alpha, b_delta, start_n, o_m, o_n, n_ok, o_d, p_k0, k_desc, kv, k_at,
             seqlen_k, dist_offset, scale_log2, w_sink, w_left, w_right, w_near, HEAD_DIM,
-            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA,
-            PAGE_SIZE)
+            HEAD_DIM_PAD, BLOCK_N, MASKED, IS_CAUSAL, IS_LOCAL, HAS_GATE, IS_LOGSIGMOID, TMA)
         if GATE_SKIP and PHASE == 1:
             g_ref = tl.maximum(g_ref, tl.max(tl.where(b_s > float("-inf"), b_g,
                                                       float("-inf")), 1))
@@ -182,13 +185,12 @@ def _gate_pass(b_alpha, p_delta0, p_skip, p_list, stride_ds, los, his, a_lo, a_h
         start_n = tile_start(t, los, his, a_lo, a_hi, BLOCK_N, True)  # [C]
         o_n = start_n[:, None] + tl.arange(0, BLOCK_N)[None, :]  # [C, N]
         n_ok = (o_n < seqlen_k) & t_ok[:, None]
-        b_delta = tl.load(p_delta0 + _rows(o_n, n_ok, kv, 2, stride_ds, PAGE_SIZE), mask=n_ok,
-                          other=0.0).to(tl.float32)
+        b_delta = tl.load(p_delta0 + _delta_rows(o_n, n_ok, kv, stride_ds, PAGE_SIZE),
+                          mask=n_ok, other=0.0).to(tl.float32)
         d_max = tl.where(t_ok, tl.max(tl.where(n_ok, b_delta, float("-inf")), 1), 0.0)
         d_min = tl.where(t_ok, tl.min(tl.where(n_ok, b_delta, float("inf")), 1), 0.0)
-        x_max = tl.where(b_alpha[:, None] >= 0, b_alpha[:, None] * d_max[None, :],
-                         b_alpha[:, None] * d_min[None, :])  # [M, C]
-        g_max = gate_2d(x_max, IS_LOGSIGMOID)
+        g_max = gate_max(b_alpha[:, None], d_max[None, :], d_min[None, :],
+                         IS_LOGSIGMOID)  # [M, C]
         keep = tl.max((g_max * scale_log2 >= b_gthr[:, None]).to(tl.int32), 0)
         keep = tl.where(t_ok, keep, 0)
         tl.store(p_skip + start_n // BLOCK_N, tl.full([GATE_CHUNK], 3, tl.uint8),
@@ -366,9 +368,9 @@ def _attn_fwd_kernel(
     USE_TMA: tl.constexpr = False, TMA_EDGES: tl.constexpr = False,
     PAGE_SIZE: tl.constexpr = 0,
 ):
-    # PAGE_SIZE > 0 (batched): K, V and delta are a paged cache [num_pages, PAGE_SIZE, ...]
+    # PAGE_SIZE > 0 (batched, varlen): K, V and delta are a paged cache [num_pages, PAGE_SIZE, ...]
     # (strides *_b of a page, *_s of a row); key position p of sequence b lives in page
-    # PAGE_TABLE[b, p // PAGE_SIZE], row p % PAGE_SIZE (`_rows`)
+    # PAGE_TABLE[b, p // PAGE_SIZE], row p % PAGE_SIZE (`common.page_of`, in `_fwd_tile`)
     # USE_TMA (Hopper path, configs.fwd_path): whole tiles load K/V through the descriptors
     # K_DESC/V_DESC; TMA_EDGES: masked tiles too (not with varlen or seqused_k, where rows
     # past a sequence's end belong to another sequence or to an unused cache slot, whose
@@ -427,7 +429,8 @@ def _attn_fwd_kernel(
         + hk * stride_kh
     p_v0 = V + kb_off.to(tl.int64) * stride_vb + ks_off.to(tl.int64) * stride_vs \
         + hk * stride_vh
-    # descriptor coordinates of this sequence and KV head; the paging of `_rows`
+    # descriptor coordinates of this sequence and KV head; its page-table row, page count
+    # and the page strides of K, V and delta
     kv = (b_off, k_start, hk, PAGE_TABLE + b.to(tl.int64) * stride_pb, num_pages,
           stride_kb, stride_vb, stride_db)
 
@@ -481,9 +484,7 @@ def _attn_fwd_kernel(
                             w_sink, w_left, w_right, w_near).to(tl.float32)
         vis = tl.maximum(vis, 1.0)
         if HAS_THRESHOLD:
-            b_thr = tl.where(l_i > 0.0, m_i + tl.math.log2(softmax_threshold * l_i / vis),
-                             float("-inf"))
-            b_thr = tl.where(m_ok, b_thr, float("inf"))
+            b_thr = softmax_skip_threshold(m_i, l_i, softmax_threshold, vis, m_ok)
         else:
             b_thr = m_i
         # gate_threshold < 0: the default 1 / seqlen_k of this sequence
@@ -494,9 +495,7 @@ def _attn_fwd_kernel(
         else:
             tg = tl.zeros([BLOCK_M], dtype=tl.float32) + tg0
         if GATE_SKIP:
-            b_gthr = tl.where(g_ref > float("-inf"), g_ref * scale_log2 + tl.math.log2(tg),
-                              float("-inf"))
-            b_gthr = tl.where(m_ok, b_gthr, float("inf"))
+            b_gthr = gate_skip_threshold(g_ref, tg, scale_log2, m_ok)
         else:
             b_gthr = m_i
         PHASE: tl.constexpr = 2

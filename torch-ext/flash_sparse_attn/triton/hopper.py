@@ -42,7 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .common import LN2, online_softmax_step, safe_max, visible, visible_count
+from .common import (LN2, online_softmax_step, softmax_rescale, softmax_skip_threshold, visible,
+                     visible_count)
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -258,11 +259,8 @@ def _sparse_tile(acc, m_i, l_i, b_thr, b_q, args, p_skip, i, j, o_m, n_full, blo
     k1 = (flags & 2) != 0
     mbarrier.wait(v_ready.index(s), phase)
     if flags != 0:
-        m_new = gl.maximum(m_i, gl.maximum(gl.where(k0, mx0, float("-inf")),
-                                           gl.where(k1, mx1, float("-inf"))))
-        m_use = safe_max(m_new)
-        b_r = gl.exp2(m_i - m_use)  # 0 while m_i is -inf
-        m_i = m_new
+        m_i, m_use, b_r = softmax_rescale(m_i, gl.maximum(gl.where(k0, mx0, float("-inf")),
+                                                          gl.where(k1, mx1, float("-inf"))))
         l_i = l_i * b_r
         acc = acc * gl.convert_layout(b_r, gl.SliceLayout(1, o_layout))[:, None]
         b_v = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
@@ -316,13 +314,10 @@ def _consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.con
             acc, m_i, l_i = _sparse_tile(
                 acc, m_i, l_i, m_i, b_q, args, p_skip, i, _phase1_tile(i, t_lo), o_m,
                 n_full, blocks, seqlen_k, dist_offset, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, 1, WG)
-        # per-row thresholds (fwd.py): padding rows never keep a block, rows without
-        # anchor statistics keep every block they see
+        # per-row thresholds, as fwd.py's
         vis = gl.maximum(visible_count(o_m, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0, 0,
                                        0).to(gl.float32), 1.0)
-        b_thr = gl.where(l_i > 0.0, m_i + gl.log2(softmax_threshold * l_i / vis),
-                         float("-inf"))
-        b_thr = gl.where(o_m < seqlen_q, b_thr, float("inf"))
+        b_thr = softmax_skip_threshold(m_i, l_i, softmax_threshold, vis, o_m < seqlen_q)
         for j in range(n):
             acc, m_i, l_i = _sparse_tile(
                 acc, m_i, l_i, b_thr, b_q, args, p_skip, n1 + j, j, o_m, n_full, blocks,
