@@ -81,8 +81,8 @@ def test_hopper_sparse_matches_float64_and_portable(fsa, b, sq, sk, h, hkv, caus
     warpgroup-wide OR) against float64 over the blocks it kept, its skip codes against the
     portable kernel's (SPEC §5.2), and the public function taking it."""
     _, configs, _ = _mods(fsa)
-    _check_path(fsa, "hopper", b, sq, sk, h, hkv, configs.HOPPER_HEAD_DIM, causal, None, t,
-                False, local, skips)
+    _check_path(fsa, "hopper", b, sq, sk, h, hkv, configs.HOPPER_HEAD_DIMS["sparse"][-1], causal,
+                None, t, False, local, skips)
 
 
 def _check_path(fsa, path, b, sq, sk, h, hkv, d, causal, win, t, gated, local, skips=None):
@@ -105,7 +105,7 @@ def _check_path(fsa, path, b, sq, sk, h, hkv, d, causal, win, t, gated, local, s
         dl[:, 64:256] -= 120.0
         delta = dl.to(dev, dt).transpose(1, 2)
     windows = None if win is None else torch.tensor([win] * hkv, dtype=torch.int32, device=dev)
-    assert configs.fwd_path(q, k, v, hopper_covers=path == "hopper") == path
+    assert configs.fwd_path(q, k, v, hopper_covers=path == "hopper", sparse=t > 0) == path
     kw = dict(alpha=alpha, delta=delta, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
               window_sizes=windows, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=d ** -0.5,
               is_causal=causal, softmax_threshold=t, gate_threshold=-1.0 if gated else 0.0,
@@ -209,7 +209,7 @@ def test_hopper_path_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, strided)
     k = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
     v = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
     assert configs.fwd_path(q, k, v, hopper_covers=True) == \
-        ("hopper" if d == configs.HOPPER_HEAD_DIM else "tma")
+        ("hopper" if d in configs.HOPPER_HEAD_DIMS["dense"] else "tma")
     out = torch.full_like(q, float("nan"))  # every element must be written
     lse = torch.full((b, h, sq), float("nan"), device=dev)
     hopper.launch_attn_fwd_hopper(q, k, v, out, lse, softmax_scale=d ** -0.5, is_causal=causal,
@@ -228,7 +228,7 @@ def test_hopper_path_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, strided)
     o_pub = fsa.flash_dense_attn_func(q, k, v, is_causal=causal)
     with configs.fwd_path_override("portable"):
         o_port = fsa.flash_dense_attn_func(q, k, v, is_causal=causal)
-    if d == configs.HOPPER_HEAD_DIM:
+    if d in configs.HOPPER_HEAD_DIMS["dense"]:
         torch.testing.assert_close(o_pub, out, rtol=0, atol=0)
     assert (out.double() - o_port.double()).abs().max().item() <= \
         2 * (lowp.double() - ref_out).abs().max().item() + 1e-5

@@ -120,7 +120,8 @@ def _has_module(name: str) -> bool:
 
 
 FWD_PATHS = ("hopper", "tma", "portable")
-HOPPER_HEAD_DIM = 128  # the head dim fwd_path sends to the "hopper" path
+# the head dims fwd_path sends to the "hopper" path, dense and sparse
+HOPPER_HEAD_DIMS = {"dense": (64, 128), "sparse": (128,)}
 
 
 @contextlib.contextmanager
@@ -137,15 +138,16 @@ def fwd_path_override(path: str | None):
         _FWD_PATH[0] = old
 
 
-def fwd_path(q, k, v, hopper_covers: bool = False) -> str:
+def fwd_path(q, k, v, hopper_covers: bool = False, sparse: bool = False) -> str:
     """The forward's kernel path, the one place it is chosen, on Hopper (sm_90) when TMA can
     address the tensors:
     - "hopper": `triton/hopper.py`, the warp-specialised Gluon kernel, for the calls it covers
-      (`hopper_covers`: batched, no gate, window or seqused_k; dense or sparse, SPEC §5) at head
-      dim 128 (the kernel also runs
-      D=64, tested, but measured slower there than "tma": H200, causal, 16k 0.90x vs 0.92x
-      cuDNN, 4k 0.79x vs 0.88x; at D=128 16k 0.96x vs 0.86x, 4k 0.91x vs 0.83x; sparse t=1 at
-      16k: LLM-like 3.13 vs 3.69 ms, random 4.60 vs 5.72);
+      (`hopper_covers`: batched, no gate, window or seqused_k; dense, or `sparse` (SPEC §5))
+      at the head dims of HOPPER_HEAD_DIMS. Measured against "tma" (H200, causal, H=32,
+      Hkv=8): dense D=128 16k 3.75 vs 4.42 ms (cuDNN 3.86), 4k 0.286 vs 0.348 (cuDNN 0.274);
+      D=64 16k 2.57 vs 2.72 (cuDNN 2.43), 4k 0.212 vs 0.245 (cuDNN 0.182); sparse t=1 at 16k
+      D=128: LLM-like 3.30 vs 3.66, mixed 3.96 vs 4.58, random 4.83 vs 5.74. Sparse D=64 was
+      not measured on this path and stays on "tma";
     - "tma": `triton/fwd.py` with K/V tiles through TMA descriptors, every other call;
     - "portable": `triton/fwd.py` with pointer loads: other GPUs, the interpreter, unaligned
       views."""
@@ -156,7 +158,8 @@ def fwd_path(q, k, v, hopper_covers: bool = False) -> str:
             or not (_tma_ready(k) and _tma_ready(v))
             or not _has_module("triton.tools.tensor_descriptor")):
         return "portable"
-    if (hopper_covers and forced in (None, "hopper") and q.shape[-1] == HOPPER_HEAD_DIM and _tma_ready(q)
+    dims = HOPPER_HEAD_DIMS["sparse" if sparse else "dense"]
+    if (hopper_covers and forced in (None, "hopper") and q.shape[-1] in dims and _tma_ready(q)
             and q.dtype in (torch.bfloat16, torch.float16)
             and _has_module("triton.experimental.gluon.language.nvidia.hopper")):
         return "hopper"

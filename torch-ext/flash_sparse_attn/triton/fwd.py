@@ -613,7 +613,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     path = path or configs.fwd_path(
         q, k, v, hopper_covers=config is None and not (
             is_varlen or alpha is not None or window_sizes is not None
-            or seqused_k is not None))
+            or seqused_k is not None), sparse=has_threshold)
     if path == "hopper":
         from .hopper import launch_attn_fwd_hopper
 
