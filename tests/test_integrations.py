@@ -196,6 +196,72 @@ def test_flash_attn_varlen_func_block_table(fsa, ref_path):
                                    block_table=table)
 
 
+KVCACHE_CASES = [
+    # (queries, new keys appended, causal)
+    (1, 1, True),    # decoding: the decode kernel's fused append
+    (1, 0, False),   # decoding over the cache as it is
+    (5, 5, True),    # chunked prefill: append 5, attend causally
+    (5, 5, False),
+    (3, 0, True),
+]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("sq,s_new,causal", KVCACHE_CASES)
+def test_flash_attn_with_kvcache(fsa, ref_path, paged, sq, s_new, causal):
+    """FlashAttention's flash_attn_with_kvcache: k/v appended in place at cache_seqlens[b],
+    then q attends over keys [0, cache_seqlens[b] + S_new) aligned to their end; against
+    float64 FlashAttention semantics per sequence, contiguous and paged (block_table int64)."""
+    b, h, hkv, d, cap, bs = 2, 4, 2, 16, 64, 16
+    lens = torch.tensor([20, 37], dtype=torch.int64)
+    q, k_full, v_full = qkv(b=b, sq=sq, sk=cap, h=h, hkv=hkv, d=d, seed=sq + s_new)
+    k_new, v_new = (x[:, :s_new].clone() + 1.0 for x in qkv(b=b, sq=1, sk=max(s_new, 1),
+                                                             h=h, hkv=hkv, d=d, seed=7)[1:])
+    table = torch.tensor([[3, 0, 6, 1], [5, 7, 2, 4]], dtype=torch.int64)
+    if paged:
+        k_cache = torch.zeros(8, bs, hkv, d)
+        v_cache = torch.zeros_like(k_cache)
+        for i in range(b):
+            for j in range(cap // bs):
+                k_cache[table[i, j]] = k_full[i, j * bs:(j + 1) * bs]
+                v_cache[table[i, j]] = v_full[i, j * bs:(j + 1) * bs]
+    else:
+        k_cache, v_cache = k_full.clone(), v_full.clone()
+    kw = dict(k=k_new, v=v_new) if s_new else {}
+    out, lse = fsa.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=lens, block_table=table if paged else None,
+        causal=causal, return_softmax_lse=True, **kw)
+    assert out.shape == q.shape and lse.shape == (b, h, sq)
+    for i in range(b):
+        n = int(lens[i]) + s_new
+        keys = torch.cat([k_full[i:i + 1, :lens[i]], k_new[i:i + 1]], 1)
+        vals = torch.cat([v_full[i:i + 1, :lens[i]], v_new[i:i + 1]], 1)
+        ref = fa_attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=causal)
+        low = fa_attention(q[i:i + 1], keys, vals, causal=causal)
+        assert_rule(f"sequence {i} ({n} keys)", out[i:i + 1], ref, low)
+        # the new keys and values are in the cache, where the sequence's positions map
+        pos = torch.arange(int(lens[i]), n)
+        if paged:
+            rows = (table[i, pos // bs], pos % bs)
+        else:
+            rows = (torch.full_like(pos, i), pos)
+        torch.testing.assert_close(k_cache[rows], k_new[i], rtol=0, atol=0)
+        torch.testing.assert_close(v_cache[rows], v_new[i], rtol=0, atol=0)
+
+
+def test_flash_attn_with_kvcache_refuses(fsa, ref_path):
+    q, k, v = qkv(b=2, sq=3, sk=64, h=4, hkv=2, d=16)
+    with pytest.raises(ValueError, match="exceed"):
+        fsa.flash_attn_with_kvcache(q, k.clone(), v.clone(), k[:, :3], v[:, :3],
+                                    cache_seqlens=torch.tensor([10, 62]))
+    with pytest.raises(ValueError, match="rotary_cos"):
+        fsa.flash_attn_with_kvcache(q, k, v, rotary_cos=torch.zeros(64, 8))
+    with pytest.raises(ValueError, match="k and v"):
+        fsa.flash_attn_with_kvcache(q, k, v, k[:, :3])
+    with pytest.raises(ValueError, match="softcap"):
+        fsa.flash_attn_with_kvcache(q, k, v, softcap=30.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +344,57 @@ def test_transformers_hub_kernel(fsa, bundle_root, ref_path, monkeypatch):
     # batched (no padding mask) and varlen (the left-padded prompt, and its decoding) both ran
     assert calls["flash_attn_func"] > 0 and calls["flash_attn_varlen_func"] > 0, calls
     print(f"    attn_implementation={REPO_ID!r}: calls into the bundle {calls}")
+
+
+def test_transformers_continuous_batching(fsa, bundle_root, ref_path, monkeypatch):
+    """transformers' continuous batching (generate_batch: paged cache, prompts of different
+    lengths batched together) with attn_implementation="<repo-id>": the bundle loads with no
+    warning about block tables (it has flash_attn_with_kvcache), the attention runs through it,
+    and the greedy tokens equal SDPA's generate on the same weights, prompt by prompt."""
+    import logging
+
+    import transformers.modeling_flash_attention_utils as fa_utils
+    from transformers import GenerationConfig
+
+    monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={bundle_root}")
+    monkeypatch.setattr(fa_utils, "_loaded_implementation", None)
+    calls = {"flash_attn_varlen_func": 0}
+    real = fsa.fa_compat.flash_attn_varlen_func
+
+    @functools.wraps(real)
+    def spy(*args, **kwargs):
+        calls["flash_attn_varlen_func"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fsa, "flash_attn_varlen_func", spy)
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+    records = Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(records)
+    try:
+        ours, sdpa, _ = make_models(REPO_ID)
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (24, 9, 17)]
+        config = GenerationConfig(max_new_tokens=5, do_sample=False)
+        with torch.no_grad():
+            results = ours.generate_batch(inputs=prompts, generation_config=config,
+                                          progress_bar=False)
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if "block table" in m], records.messages
+    assert calls["flash_attn_varlen_func"] > 0, calls
+    got = [results[rid].generated_tokens for rid in sorted(results, key=lambda r: int(r[4:]))]
+    with torch.no_grad():
+        want = [sdpa.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist()
+                for p in prompts]
+    assert got == want, (got, want)
+    print(f"\n    continuous batching through the bundle: {got} == sdpa's; {calls}")
 
 
 @pytest.mark.parametrize("variant", ["dense", "sparse"])

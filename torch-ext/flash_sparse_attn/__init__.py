@@ -5,7 +5,7 @@ Loaded with `kernels.get_kernel("<org>/flash-sparse-attn", version=1)` or, after
 """
 
 from . import fa_compat, layers, reference
-from .fa_compat import flash_attn_func, flash_attn_varlen_func
+from .fa_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from .interface import (
     block_skip_stats,
     flash_dense_attn_func,
@@ -42,6 +42,7 @@ __all__ = [
     "block_skip_stats",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "fa_compat",
     "layers",
     "reference",

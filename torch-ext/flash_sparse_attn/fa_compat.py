@@ -1,8 +1,10 @@
 """FlashAttention-compatible entry points, and attention functions for `transformers`.
 
-`flash_attn_func` / `flash_attn_varlen_func` take FlashAttention 2's arguments and run this
-package's dense attention, so code written for `flash_attn` (and `transformers`, which loads
-`attn_implementation="<org>/flash-sparse-attn"` through exactly these two names) runs unchanged.
+`flash_attn_func` / `flash_attn_varlen_func` / `flash_attn_with_kvcache` take FlashAttention 2's
+arguments and run this package's dense attention, so code written for `flash_attn` (and
+`transformers`, which loads `attn_implementation="<org>/flash-sparse-attn"` through exactly these
+names: without `flash_attn_with_kvcache` its continuous batching warns that the kernel "does
+not support block tables") runs unchanged.
 A FlashAttention feature that has no exact equivalent here raises `ValueError` instead of being
 approximated: `dropout_p > 0`, `softcap`, `alibi_slopes`, attention sinks (`s_aux`), and
 windows that let a query see keys after its own position. `flash_attn_varlen_func` takes a
@@ -148,6 +150,102 @@ def flash_attn_varlen_func(
         deterministic=deterministic, return_lse=True,
         page_table=None if block_table is None else _as_cu(block_table))
     return _result(res, return_attn_probs)
+
+
+def flash_attn_with_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None, cache_seqlens=None,
+    cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+    rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0, return_softmax_lse: bool = False,
+):
+    """FlashAttention's `flash_attn_with_kvcache` on dense attention: q [B, Sq, H, D] over
+    k_cache/v_cache [B, S_cache, Hkv, D], or a paged cache [num_blocks, block_size, Hkv, D]
+    with block_table [B, max_blocks] (block size a multiple of 16). cache_seqlens (int or [B])
+    counts each sequence's cached keys (default: all of them); k/v [B, S_new, Hkv, D], when
+    given, are written into the cache in place at positions cache_seqlens[b] .. + S_new - 1,
+    then q attends over keys [0, cache_seqlens[b] + S_new), aligned to their end (causal).
+    -> out [B, Sq, H, D]; with return_softmax_lse=True, (out, lse [B, H, Sq]). Rotary
+    embedding, cache_batch_idx, cache_leftpad, softcap and alibi_slopes raise ValueError.
+    A single new token with a single query (decoding) takes the fused append of the decode
+    kernel; anything else appends with torch indexing, which checks that the new keys fit."""
+    fn = "flash_attn_with_kvcache"
+    _unsupported(fn, 0.0, softcap, alibi_slopes)
+    for name, val in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+                      ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if val is not None:
+            raise ValueError(f"{fn}: {name} is not supported; expected None")
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        raise ValueError(f"{fn}: q must be a [B, Sq, H, D] tensor, got "
+                         f"{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}")
+    if (k is None) != (v is None):
+        raise ValueError(f"{fn}: k and v must be given together (the new keys and values)")
+    batch, seqlen_q = q.shape[:2]
+    if not isinstance(k_cache, Tensor) or k_cache.dim() != 4:
+        raise ValueError(f"{fn}: k_cache must be a [B, S_cache, Hkv, D] (or paged "
+                         "[num_blocks, block_size, Hkv, D]) tensor")
+    if block_table is not None:
+        block_table = _as_cu(block_table)
+        capacity = block_table.shape[-1] * k_cache.shape[1] if block_table.dim() == 2 else 0
+    else:
+        capacity = k_cache.shape[1]
+    if cache_seqlens is None:
+        lens = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, Tensor):
+        lens = _as_cu(cache_seqlens.reshape(-1))
+    else:
+        lens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    is_causal, windows = _window_args(fn, window_size, causal, k_cache.shape[-2],
+                                      seqlen_q == 1, q.device)
+    if seqlen_q == 1 and (k is None or k.dim() == 4 and k.shape[1] == 1):
+        # decoding: the decode kernel (fused append of the one new token)
+        res = interface.flash_dense_attn_with_kvcache_func(
+            q[:, 0], k_cache, v_cache, softmax_scale=softmax_scale, window_sizes=windows,
+            return_lse=True, seqused_k=lens, page_table=block_table,
+            k_new=None if k is None else k[:, 0], v_new=None if v is None else v[:, 0],
+            num_splits=int(num_splits) or None)
+        out, lse = res[0][:, None], res[1][..., None]
+    else:
+        if k is not None:
+            lens = _append_to_cache(fn, k_cache, v_cache, k, v, lens, block_table, capacity)
+        out, lse = interface.flash_dense_attn_func(
+            q, k_cache, v_cache, is_causal=is_causal, softmax_scale=softmax_scale,
+            window_sizes=windows, return_lse=True, seqused_k=lens, page_table=block_table,
+            num_splits=int(num_splits) or None)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _append_to_cache(fn: str, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor,
+                     lens: Tensor, block_table: Optional[Tensor], capacity: int) -> Tensor:
+    """Write k/v [B, S_new, Hkv, D] into the cache at positions lens[b] + [0, S_new) (through
+    block_table when paged); returns the new lengths. Raises when a sequence would overflow."""
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != lens.shape[0] or \
+            k.shape[2:] != k_cache.shape[2:]:
+        raise ValueError(f"{fn}: k and v must be [B, S_new, Hkv, D] matching q's batch and the "
+                         f"cache's heads and dim; got k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}")
+    s_new = k.shape[1]
+    new_lens = lens + s_new
+    if bool(((lens < 0) | (new_lens > capacity)).any()):
+        raise ValueError(f"{fn}: cache_seqlens + {s_new} new keys exceed the cache's {capacity} "
+                         "positions (or cache_seqlens is negative)")
+    pos = lens.to(torch.int64)[:, None] + torch.arange(s_new, device=k.device)  # [B, S_new]
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        pages = block_table.to(torch.int64).gather(1, pos // page_size)
+        if bool(((pages < 0) | (pages >= k_cache.shape[0])).any()):
+            raise ValueError(f"{fn}: block_table names a block outside k_cache's "
+                             f"{k_cache.shape[0]} blocks for the new keys")
+        index = (pages.reshape(-1), (pos % page_size).reshape(-1))
+    else:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)
+        index = (rows.reshape(-1), pos.reshape(-1))
+    k_cache[index] = k.reshape(-1, *k.shape[2:]).to(k_cache.dtype)
+    v_cache[index] = v.reshape(-1, *v.shape[2:]).to(v_cache.dtype)
+    return new_lens
 
 
 # ------------------------------------------------------------------------------------------
