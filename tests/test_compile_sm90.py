@@ -64,6 +64,8 @@ FWD_FLAGS = [
     # chunked prefill over a paged cache
     dict(PAGE_SIZE=64, HAS_SEQUSED_K=True, HAS_GATE=True, GATE_SKIP=True, HAS_THRESHOLD=True,
          BLOCK_M=64),
+    # split-KV chunked prefill over a paged cache
+    dict(IS_SPLIT=True, PAGE_SIZE=64, HAS_SEQUSED_K=True),
 ]
 # the Hopper path (configs.fwd_path "tma"): K/V through TMA descriptors, at the sm90 TMA tables
 FWD_TMA_FLAGS = [
@@ -73,6 +75,7 @@ FWD_TMA_FLAGS = [
     dict(HAS_GATE=True, GATE_SKIP=True, HAS_THRESHOLD=True, IS_ADAPT_GATE=True, BLOCK_M=64),
     dict(IS_LOCAL=True, WINDOW_PER_QHEAD=True),
     dict(IS_VARLEN=True, HAS_SEQUSED_K=True, HEAD_DIM=80, TMA_EDGES=False),
+    dict(IS_SPLIT=True, BLOCK_N=128),
 ]
 
 
@@ -87,7 +90,7 @@ def compile_all(pkg):
                       WINDOW_PER_QHEAD=False, IS_VARLEN=False, HAS_SEQUSED_K=False,
                       HAS_GATE=False, IS_LOGSIGMOID=True, HAS_THRESHOLD=False,
                       GATE_SKIP=False, IS_ADAPT_GATE=False, USE_TMA=False, TMA_EDGES=False,
-                      PAGE_SIZE=0)
+                      PAGE_SIZE=0, IS_SPLIT=False)
         if flags.get("USE_TMA"):
             consts["TMA_EDGES"] = True
         consts.update(flags)
@@ -199,8 +202,8 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     lines = proc.stdout.strip().splitlines()
     if triton_path == "compat":
         assert lines[0] == "triton 3.6.0", lines[0]
-    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 26, lines
-    assert sum("tma=True" in x for x in lines if x.startswith("fwd")) == 6, lines
+    assert len([x for x in lines if x.startswith(("fwd", "bwd-dkdv", "bwd-dq"))]) == 28, lines
+    assert sum("tma=True" in x for x in lines if x.startswith("fwd")) == 7, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 4 and "combine ok" in lines, lines
     hopper = [x for x in lines if x.startswith("hopper")]

@@ -71,7 +71,8 @@ def block_skip_stats(skip_mask: Tensor) -> dict:
 def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes, is_local,
                softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate, out, lse,
-               return_lse, deterministic, return_skip_mask=False, page_table=None):
+               return_lse, deterministic, return_skip_mask=False, page_table=None,
+               num_splits=None):
     is_varlen = cu_seqlens_q is not None
     num_kv_heads = key.shape[-2]
     if not is_varlen:
@@ -86,7 +87,8 @@ def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_
         *ops.scalar_args(int(max_seqlen_q), int(max_seqlen_k),
                          _scale(softmax_scale, query.shape[-1]), bool(is_causal),
                          float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
-                         bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic)),
+                         bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
+                         int(num_splits or 0)),
     )
     return _finish(o, l, out, lse, return_lse, skip if return_skip_mask else None)
 
@@ -132,8 +134,11 @@ def flash_dense_attn_func(
     """Dense attention. query [B, Sq, H, D], key/value [B, Sk, Hkv, D] -> out [B, Sq, H, D]
     (and lse [B, H, Sq] fp32 with return_lse=True). Chunked prefill over a paged cache:
     key/value [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages] (forward
-    only); seqused_k int32 [B]: keys in use, the queries aligned to their end. num_splits is
-    a tuning hint (accepted, no effect)."""
+    only); seqused_k int32 [B]: keys in use, the queries aligned to their end. num_splits:
+    split-KV (each query tile's keys shared by that many programs, merged exactly; None or
+    0 = the heuristic of configs.fwd_num_splits, 1 = no split; calls that skip blocks never
+    split, and > 1 moves a call off the Gluon path); it changes speed and rounding, never
+    the result beyond that."""
     validate.check_attn_func(
         "dense", query, key, value, None, None, softmax_scale, window_sizes, None, None,
         is_quant, out, lse, seqused_k, page_table, num_splits, skip_checks,
@@ -142,7 +147,8 @@ def flash_dense_attn_func(
                       is_causal,
                       softmax_scale, window_sizes, is_local or window_sizes is not None, 0.0,
                       None, True, False, out, lse, return_lse, deterministic,
-                      page_table=page_table)
+                      page_table=page_table,
+                      num_splits=num_splits)
 
 
 def flash_sparse_attn_func(
@@ -173,7 +179,8 @@ def flash_sparse_attn_func(
                       is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, None, True, False,
                       out, lse, return_lse, deterministic, return_skip_mask=return_skip_mask,
-                      page_table=page_table)
+                      page_table=page_table,
+                      num_splits=num_splits)
 
 
 def flash_gated_attn_func(
@@ -203,7 +210,8 @@ def flash_gated_attn_func(
                       is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, gate_threshold,
                       is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic,
-                      return_skip_mask=return_skip_mask, page_table=page_table)
+                      return_skip_mask=return_skip_mask, page_table=page_table,
+                      num_splits=num_splits)
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,7 +242,8 @@ def flash_dense_attn_varlen_func(
     return _attention(query, key, value, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, 0.0, None, True, False, out, lse,
-                      return_lse, deterministic, page_table=page_table)
+                      return_lse, deterministic, page_table=page_table,
+                      num_splits=num_splits)
 
 
 def flash_sparse_attn_varlen_func(
@@ -262,7 +271,8 @@ def flash_sparse_attn_varlen_func(
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, None, True,
                       False, out, lse, return_lse, deterministic,
-                      return_skip_mask=return_skip_mask, page_table=page_table)
+                      return_skip_mask=return_skip_mask, page_table=page_table,
+                      num_splits=num_splits)
 
 
 def flash_gated_attn_varlen_func(
@@ -291,7 +301,8 @@ def flash_gated_attn_varlen_func(
                       max_seqlen_k, seqused_k, is_causal, softmax_scale, window_sizes,
                       is_local or window_sizes is not None, softmax_threshold, gate_threshold,
                       is_logsigmoid_gate, is_adapt_gate, out, lse, return_lse, deterministic,
-                      return_skip_mask=return_skip_mask, page_table=page_table)
+                      return_skip_mask=return_skip_mask, page_table=page_table,
+                      num_splits=num_splits)
 
 
 # ------------------------------------------------------------------------------------------

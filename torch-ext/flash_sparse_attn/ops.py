@@ -49,17 +49,20 @@ def use_triton(t: Tensor) -> bool:
 
 
 def scalar_args(max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, softmax_threshold,
-                gate_threshold, is_logsigmoid_gate, is_adapt_gate, deterministic) -> tuple:
+                gate_threshold, is_logsigmoid_gate, is_adapt_gate, deterministic,
+                num_splits=0) -> tuple:
     """The scalar arguments of `fwd` / `bwd`, packed into three lists (ints, floats, bools):
     each op argument costs host time on every call (torch's custom-op autograd wrapper walks
     the schema once per argument, so the cost grows with the square of the count)."""
-    return ([max_seqlen_q, max_seqlen_k], [softmax_scale, softmax_threshold, gate_threshold],
+    return ([max_seqlen_q, max_seqlen_k, num_splits],
+            [softmax_scale, softmax_threshold, gate_threshold],
             [is_causal, is_logsigmoid_gate, is_adapt_gate, deterministic])
 
 
 def unpack_scalars(max_seqlens, floats, flags) -> dict:
     """The keywords of `scalar_args`' lists."""
     return dict(max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1],
+                num_splits=max_seqlens[2] if len(max_seqlens) > 2 else 0,
                 softmax_scale=floats[0], softmax_threshold=floats[1], gate_threshold=floats[2],
                 is_causal=flags[0], is_logsigmoid_gate=flags[1], is_adapt_gate=flags[2],
                 deterministic=flags[3])
@@ -92,7 +95,8 @@ def attn_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, lse, skip). `skip` holds the forward's block-skip decisions (uint8, one
     per (batch, head, query block, key block)); it is empty when nothing can be skipped.
-    Scalars come packed (`scalar_args`): max_seqlens (q, k), floats (softmax_scale,
+    Scalars come packed (`scalar_args`): max_seqlens (q, k, num_splits: split-KV, 0 = the
+    heuristic, a hint that never changes results beyond rounding), floats (softmax_scale,
     softmax_threshold, gate_threshold), flags (is_causal, is_logsigmoid_gate, is_adapt_gate,
     deterministic; `deterministic` only matters to the backward, which gets it saved).
     page_table (batched or varlen): k/v (and delta) are a paged cache
@@ -104,6 +108,7 @@ def attn_fwd(
         from .triton.fwd import launch_attn_fwd
 
         return launch_attn_fwd(q, k, v, **args)
+    args.pop("num_splits")
     return reference.attention_forward_op(q, k, v, **args)
 
 
@@ -151,6 +156,7 @@ def attn_bwd(
                 seqused_k=seqused_k, window_sizes=window_sizes,
                 **unpack_scalars(max_seqlens, floats, flags))
     deterministic = args.pop("deterministic")
+    args.pop("num_splits")
     if use_triton(q):
         from .triton.bwd import launch_attn_bwd
 

@@ -312,6 +312,42 @@ def num_sms(device: torch.device) -> int:
     return 132
 
 
+FWD_SPLIT_CTAS_PER_SM = 2  # resident programs per SM the split forward aims for
+FWD_MIN_TILES_PER_SPLIT = 16
+FWD_MAX_SPLITS = 32
+
+
+def fwd_num_splits(q, programs: int, seqlen_k: int, block_n: int, requested: int = 0) -> int:
+    """Split-KV of the forward's "tma" and "portable" paths (`fwd.py`, IS_SPLIT; the Gluon
+    path does not split, and `fwd_path` takes it only when no split is asked for): how many
+    programs share each query tile's keys. `requested` > 0 (the functions' `num_splits`) is
+    taken as given, at most the key tiles there are; 0 = `fwd_split_heuristic` on CUDA (CPU
+    tensors and the interpreter never split by heuristic). `programs`: batch x heads x query
+    tiles of the launch."""
+    n_tiles = triton.cdiv(max(int(seqlen_k), 1), block_n)
+    if requested and requested > 0:
+        return max(1, min(int(requested), n_tiles))
+    if q.device.type != "cuda" or interpreting():
+        return 1
+    return fwd_split_heuristic(programs, n_tiles, num_sms(q.device))
+
+
+def fwd_split_heuristic(programs: int, n_tiles: int, sms: int = 132) -> int:
+    """When the launch's programs fill less than sms * FWD_SPLIT_CTAS_PER_SM resident slots
+    (chunked prefill of a few hundred queries, few heads), split into cdiv(slots, programs)
+    parts, keeping at least FWD_MIN_TILES_PER_SPLIT key tiles per part and at most
+    FWD_MAX_SPLITS parts; otherwise 1. A function of shapes only. Not yet tuned on the GPU: the
+    constants are a starting point. Examples (132 SMs; H=32, 64-row query tiles, 64-key
+    tiles): Sq=512, Sk=128k -> 256 programs, 2048 key tiles: 2 splits; Sq=128, Sk=32k -> 64
+    programs: 5; Sq=2048 -> 1024 programs: 1."""
+    programs = max(1, int(programs))
+    slots = sms * FWD_SPLIT_CTAS_PER_SM
+    if programs >= slots:
+        return 1
+    return max(1, min(triton.cdiv(slots, programs), int(n_tiles) // FWD_MIN_TILES_PER_SPLIT,
+                      FWD_MAX_SPLITS))
+
+
 def decode_block_m(group: int) -> int:
     """Rows of the packed-GQA tile: the G query heads of a KV head, padded to a power of two
     (>= 16 for tl.dot), at most DECODE_MAX_BLOCK_M (larger groups use several programs)."""

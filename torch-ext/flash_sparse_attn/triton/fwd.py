@@ -346,9 +346,16 @@ def _key_ranges(start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_righ
 
 
 @triton.jit
+def _clip(x, s_lo, s_hi):
+    """A bound of one of the ordered key-tile ranges cut to [s_lo, s_hi) (cutting both bounds
+    of [lo, hi) leaves it empty, lo == hi, when it lies outside)."""
+    return tl.minimum(tl.maximum(x, s_lo), s_hi)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, ALPHA, DELTA, CU_Q, CU_K, SEQUSED_K, WINDOWS, SKIP, LIST, K_DESC, V_DESC,
-    PAGE_TABLE,
+    PAGE_TABLE, O_PART, LSE_PART,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -358,7 +365,7 @@ def _attn_fwd_kernel(
     stride_db, stride_dh, stride_ds,
     stride_wh, stride_sb, stride_sh, stride_sm, stride_pb,
     seqlen_q_fixed, seqlen_k_fixed, scale_log2, H, GROUP, softmax_threshold, gate_threshold,
-    heads_first, num_pages,
+    heads_first, num_pages, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, WINDOW_PER_QHEAD: tl.constexpr,
@@ -366,8 +373,13 @@ def _attn_fwd_kernel(
     HAS_GATE: tl.constexpr, IS_LOGSIGMOID: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr, GATE_SKIP: tl.constexpr, IS_ADAPT_GATE: tl.constexpr,
     USE_TMA: tl.constexpr = False, TMA_EDGES: tl.constexpr = False,
-    PAGE_SIZE: tl.constexpr = 0,
+    PAGE_SIZE: tl.constexpr = 0, IS_SPLIT: tl.constexpr = False,
 ):
+    # IS_SPLIT (split-KV, no skipping): program_id(1) of num_splits takes an equal share of
+    # the query tile's key tiles and writes its partial result (normalised by its own sum)
+    # and base-2 lse to O_PART [tokens * H, num_splits, D] / LSE_PART [tokens * H,
+    # num_splits] (fp32; token = b * Sq + row, or the packed row with varlen), which
+    # `combine.py` merges exactly
     # PAGE_SIZE > 0 (batched, varlen): K, V and delta are a paged cache [num_pages, PAGE_SIZE, ...]
     # (strides *_b of a page, *_s of a row); key position p of sequence b lives in page
     # PAGE_TABLE[b, p // PAGE_SIZE], row p % PAGE_SIZE (`common.page_of`, in `_fwd_tile`)
@@ -451,6 +463,21 @@ def _attn_fwd_kernel(
     lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = _key_ranges(
         start_m, seqlen_q, seqlen_k, dist_offset, w_sink, w_left, w_right, w_near,
         BLOCK_M, BLOCK_N, IS_CAUSAL, IS_LOCAL)
+    if IS_SPLIT:
+        # this split's share of the key tiles [0, hi3) (the ranges are ordered: hi3 is the
+        # end), each range cut to it
+        n_t = hi3 // BLOCK_N
+        pid_s = tl.program_id(1)
+        s_lo = (pid_s * n_t // num_splits) * BLOCK_N
+        s_hi = ((pid_s + 1) * n_t // num_splits) * BLOCK_N
+        lo0 = _clip(lo0, s_lo, s_hi)
+        hi0 = _clip(hi0, s_lo, s_hi)
+        lo1 = _clip(lo1, s_lo, s_hi)
+        hi1 = _clip(hi1, s_lo, s_hi)
+        lo2 = _clip(lo2, s_lo, s_hi)
+        hi2 = _clip(hi2, s_lo, s_hi)
+        lo3 = _clip(lo3, s_lo, s_hi)
+        hi3 = _clip(hi3, s_lo, s_hi)
     g_ref = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if HAS_THRESHOLD or GATE_SKIP:
         # ---- block-skip rule (SPEC §5, §6): anchors first, then tested tiles -------------
@@ -529,6 +556,14 @@ def _attn_fwd_kernel(
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     b_o = acc / l_safe[:, None]
+    if IS_SPLIT:
+        row = ((b_off * seqlen_q_fixed + q_start + o_m) * H + h).to(tl.int64) * num_splits \
+            + tl.program_id(1)
+        tl.store(O_PART + row[:, None] * HEAD_DIM + o_d[None, :], b_o,
+                 mask=m_ok[:, None] & (o_d[None, :] < HEAD_DIM))
+        tl.store(LSE_PART + row, tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf")),
+                 mask=m_ok)
+        return
     b_lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     p_o = (O + b_off.to(tl.int64) * stride_ob + (q_start + o_m[:, None]).to(tl.int64) * stride_os
            + h * stride_oh + o_d[None, :])
@@ -575,13 +610,15 @@ def _kv_descriptor(t, is_varlen, block_n, head_dim_pad):
 def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
                     window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
                     softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
-                    deterministic, page_table=None, config=None, path=None):
+                    deterministic, page_table=None, num_splits=0, config=None, path=None):
     """`config` overrides the launch config (scripts/tune.py only); `path` the kernel path
     of configs.fwd_path ("hopper", "tma" or "portable": tests compare them). page_table
     (batched or varlen): k/v [num_pages, page_size, Hkv, D] and delta [num_pages, page_size,
     Hkv] are a paged cache, a sequence's keys positions [0, its length) of its pages (batched:
     page_table.shape[1] * page_size long, or seqused_k); the portable path (pointer loads
-    through the page table)."""
+    through the page table). num_splits: split-KV (`configs.fwd_num_splits`; 0 = its
+    heuristic): the key tiles of each query tile shared by that many programs, merged by
+    `combine.py`; calls that skip blocks (softmax threshold, gate test) do not split."""
     is_varlen = cu_seqlens_q is not None
     paged = page_table is not None
     if is_varlen:
@@ -611,7 +648,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     if paged:
         path = "portable"
     path = path or configs.fwd_path(
-        q, k, v, hopper_covers=config is None and not (
+        q, k, v, hopper_covers=config is None and not (num_splits or 0) > 1 and not (
             is_varlen or alpha is not None or window_sizes is not None
             or seqused_k is not None), sparse=has_threshold)
     if path == "hopper":
@@ -627,6 +664,9 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                                        window_sizes is not None, alpha is not None,
                                        has_threshold or gate_skip, tma=use_tma)
     head_dim_pad = configs.head_dim_pad(head_dim)
+    n_m = triton.cdiv(seqlen_q, cfg.block_m)
+    splits = 1 if has_threshold or gate_skip else configs.fwd_num_splits(
+        q, n_m * batch * num_heads, seqlen_k, cfg.block_n, num_splits)
     if use_tma:
         k_desc = _kv_descriptor(k, is_varlen, cfg.block_n, head_dim_pad)
         v_desc = _kv_descriptor(v, is_varlen, cfg.block_n, head_dim_pad)
@@ -637,8 +677,16 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         stride_l = (0, lse.stride(0), lse.stride(1))
     else:
         stride_l = (lse.stride(0), lse.stride(1), lse.stride(2))
-    grid = (triton.cdiv(seqlen_q, cfg.block_m) * batch * num_heads,)
+    grid = (n_m * batch * num_heads, splits)
     dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
+    if splits > 1:
+        tokens = q.shape[0] if is_varlen else batch * seqlen_q
+        o_part = torch.empty((tokens * num_heads, splits, head_dim), dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty((tokens * num_heads, splits), dtype=torch.float32,
+                               device=q.device)
+    else:
+        o_part = lse_part = lse
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         alpha if alpha is not None else dummy, delta if delta is not None else dummy,
@@ -646,7 +694,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         seqused_k if seqused_k is not None else dummy,
         window_sizes if is_local else dummy, skip if skip.numel() else dummy,
         torch.empty(skip.shape, dtype=torch.int32, device=q.device) if gate_skip else dummy,
-        k_desc, v_desc, page_table if paged else dummy,
+        k_desc, v_desc, page_table if paged else dummy, o_part, lse_part,
         *_strides3(q, is_varlen), *_strides3(k, is_varlen and not paged),
         *_strides3(v, is_varlen and not paged),
         *_strides3(out, is_varlen), *stride_l,
@@ -658,7 +706,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         page_table.stride(0) if paged else 0,
         seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
         num_heads // num_kv_heads, float(softmax_threshold), float(gate_threshold),
-        int(configs.heads_first("fwd", is_local)), k.shape[0] if paged else 1,
+        int(configs.heads_first("fwd", is_local)), k.shape[0] if paged else 1, splits,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
         WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
@@ -667,7 +715,28 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         HAS_GATE=alpha is not None, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
         HAS_THRESHOLD=has_threshold, GATE_SKIP=gate_skip, IS_ADAPT_GATE=bool(is_adapt_gate),
         USE_TMA=use_tma, TMA_EDGES=use_tma and not is_varlen and seqused_k is None,
-        PAGE_SIZE=k.shape[1] if paged else 0,
+        PAGE_SIZE=k.shape[1] if paged else 0, IS_SPLIT=splits > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        _combine_splits(o_part, lse_part, out, lse, is_varlen)
     return out, lse, skip
+
+
+def _combine_splits(o_part, lse_part, out, lse, is_varlen):
+    """Merge the split-KV partials (`_attn_fwd_kernel` with IS_SPLIT) into out (q's layout)
+    and lse ([B, H, Sq], or [H, total_q] with varlen): `combine.py`'s exact combine over rows
+    (token, head), through contiguous buffers where out / lse cannot be viewed that way."""
+    from .combine import launch_combine
+
+    num_heads, head_dim = out.shape[-2], out.shape[-1]
+    tokens = o_part.shape[0] // num_heads
+    flat = out.view(tokens, num_heads, head_dim) if out.is_contiguous() else \
+        torch.empty((tokens, num_heads, head_dim), dtype=out.dtype, device=out.device)
+    lse_rows = lse.t() if is_varlen else \
+        torch.empty((tokens, num_heads), dtype=torch.float32, device=out.device)
+    launch_combine(o_part, lse_part, flat, lse_rows)
+    if not out.is_contiguous():
+        out.copy_(flat.view(out.shape))
+    if not is_varlen:
+        lse.copy_(lse_rows.view(lse.shape[0], lse.shape[2], num_heads).permute(0, 2, 1))
