@@ -89,6 +89,26 @@ def test_opcheck_fwd(fsa, kind, device, dtype, gated, varlen):
 
 
 @pytest.mark.parametrize("kind,device,dtype", PATHS)
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_opcheck_fwd_plain(fsa, kind, device, dtype, threshold):
+    """The op the public functions take when no optional tensor is given (dense, sparse),
+    with its own backward op; and it returns what `fwd` returns for the same call."""
+    ops = _ops(fsa)
+    args = _fwd_args(ops, device, dtype)
+    q, k, v = args[:3]
+    scalars = list(args[10:])
+    scalars[1] = [scalars[1][0], threshold, scalars[1][2]]
+    plain = (q.clone().requires_grad_(), k.clone().requires_grad_(), v.clone().requires_grad_(),
+             *scalars)
+    with _backend(fsa, kind):
+        torch.library.opcheck(ops.attn_fwd_plain, plain, test_utils=_utils(kind, device))
+        full = ops.attn_fwd(q, k, v, None, None, None, None, None, None, None, *scalars)
+        mine = ops.attn_fwd_plain(q, k, v, *scalars)
+    for a, b in zip(full, mine):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,device,dtype", PATHS)
 def test_opcheck_decode(fsa, kind, device, dtype):
     ops = _ops(fsa)
     g = torch.Generator().manual_seed(1)

@@ -81,15 +81,17 @@ def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_
             max_seqlen_k = page_table.shape[1] * key.shape[1]
     window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, num_kv_heads,
                                     query.device)
-    o, l, skip = ops.attn_fwd(
-        query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
-        window_sizes,
-        *ops.scalar_args(int(max_seqlen_q), int(max_seqlen_k),
-                         _scale(softmax_scale, query.shape[-1]), bool(is_causal),
-                         float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
-                         bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
-                         int(num_splits or 0)),
-    )
+    scalars = ops.scalar_args(int(max_seqlen_q), int(max_seqlen_k),
+                              _scale(softmax_scale, query.shape[-1]), bool(is_causal),
+                              float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
+                              bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
+                              int(num_splits or 0))
+    if (alpha is None and cu_seqlens_q is None and seqused_k is None and page_table is None
+            and window_sizes is None):
+        o, l, skip = ops.attn_fwd_plain(query, key, value, *scalars)
+    else:
+        o, l, skip = ops.attn_fwd(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k,
+                                  seqused_k, page_table, window_sizes, *scalars)
     return _finish(o, l, out, lse, return_lse, skip if return_skip_mask else None)
 
 
