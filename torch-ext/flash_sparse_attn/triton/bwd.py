@@ -687,7 +687,7 @@ def _kept_tile_lists(skip, skip_m, block_m, block_n, n_m, n_n, by_key):
     counts = torch.empty((batch, heads, n_outer), dtype=torch.int32, device=skip.device)
     if lists.numel() == 0:
         return lists, counts.zero_()
-    chunk = min(1024, max(16, triton.next_power_of_2(n_inner)))
+    chunk = min(1024, max(16, configs.next_pow2(n_inner)))
     _kept_tiles_kernel[(batch * heads * n_outer,)](
         skip, lists, counts, *skip.stride(), n_outer, n_inner, n_kb, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, SKIP_M=skip_m,
@@ -734,7 +734,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         else (lse.stride(0), lse.stride(1), lse.stride(2))
     dummy = q
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_VARLEN=is_varlen)
-    _bwd_preprocess_kernel[(triton.cdiv(seqlen_q, cfg.block_m_pre), batch * num_heads)](
+    _bwd_preprocess_kernel[(configs.cdiv(seqlen_q, cfg.block_m_pre), batch * num_heads)](
         out, dout, lse, di, lse2, cu_seqlens_q if is_varlen else dummy,
         *_strides3(out, is_varlen), *_strides3(dout, is_varlen), *stride_l, seqlen_q, num_heads,
         BLOCK_M=cfg.block_m_pre, num_warps=4, **common,
@@ -760,8 +760,8 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     flags.update(HAS_SKIP=has_skip, SKIP_M=skip_m, SKIP_N=configs.SKIP_BLOCK_N)
     scale_log2 = softmax_scale * 1.4426950408889634
     heads_first = int(configs.heads_first("bwd", is_local))
-    n_m, n_n = triton.cdiv(seqlen_q, cfg.block_m), triton.cdiv(seqlen_k, cfg.block_n)
-    n_m_dq, n_n_dq = triton.cdiv(seqlen_q, cfg.block_m_dq), triton.cdiv(seqlen_k, cfg.block_n_dq)
+    n_m, n_n = configs.cdiv(seqlen_q, cfg.block_m), configs.cdiv(seqlen_k, cfg.block_n)
+    n_m_dq, n_n_dq = configs.cdiv(seqlen_q, cfg.block_m_dq), configs.cdiv(seqlen_k, cfg.block_n_dq)
     if has_skip:
         configs.check_skip_tiles(cfg, skip_m)
         list_kv, count_kv = _kept_tile_lists(skip, skip_m, cfg.block_m, cfg.block_n, n_m, n_n,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import configs
 from .common import LN2, safe_max
 
 
@@ -63,8 +64,8 @@ def launch_combine(o_part, lse_part, out, lse) -> None:
     dtype), lse [B, H] fp32 natural log, both written in place."""
     batch, num_heads, head_dim = out.shape
     num_splits = o_part.shape[1]
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    splits_pad = max(16, triton.next_power_of_2(num_splits))
+    head_dim_pad = max(16, configs.next_pow2(head_dim))
+    splits_pad = max(16, configs.next_pow2(num_splits))
     block_s = min(splits_pad, max(1, 4096 // head_dim_pad))
     _combine_kernel[(batch * num_heads,)](
         o_part, lse_part, out, lse,

@@ -300,6 +300,17 @@ DECODE_MAX_BLOCK_M = 64  # at most this many query heads of a KV head per progra
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    """Ceil division for host code: `triton.cdiv` is a constexpr_function, whose call from
+    Python costs ~4.5 us (Triton 3.6 and 3.9), and launchers call it several times per call."""
+    return -(-int(a) // int(b))
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see `cdiv`)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -324,7 +335,7 @@ def fwd_num_splits(q, programs: int, seqlen_k: int, block_n: int, requested: int
     taken as given, at most the key tiles there are; 0 = `fwd_split_heuristic` on CUDA (CPU
     tensors and the interpreter never split by heuristic). `programs`: batch x heads x query
     tiles of the launch."""
-    n_tiles = triton.cdiv(max(int(seqlen_k), 1), block_n)
+    n_tiles = cdiv(max(int(seqlen_k), 1), block_n)
     if requested and requested > 0:
         return max(1, min(int(requested), n_tiles))
     if q.device.type != "cuda" or interpreting():
@@ -344,14 +355,14 @@ def fwd_split_heuristic(programs: int, n_tiles: int, sms: int = 132) -> int:
     slots = sms * FWD_SPLIT_CTAS_PER_SM
     if programs >= slots:
         return 1
-    return max(1, min(triton.cdiv(slots, programs), int(n_tiles) // FWD_MIN_TILES_PER_SPLIT,
+    return max(1, min(cdiv(slots, programs), int(n_tiles) // FWD_MIN_TILES_PER_SPLIT,
                       FWD_MAX_SPLITS))
 
 
 def decode_block_m(group: int) -> int:
     """Rows of the packed-GQA tile: the G query heads of a KV head, padded to a power of two
     (>= 16 for tl.dot), at most DECODE_MAX_BLOCK_M (larger groups use several programs)."""
-    return min(max(16, triton.next_power_of_2(group)), DECODE_MAX_BLOCK_M)
+    return min(max(16, next_pow2(group)), DECODE_MAX_BLOCK_M)
 
 
 def decode_config(q, head_dim: int, group: int, paged: bool = False,
@@ -395,10 +406,10 @@ def decode_num_splits(batch: int, num_heads: int, num_kv_heads: int, seqlen_k: i
     A function of shapes only: the same count for a whole CUDA graph / compiled region."""
     group = max(1, num_heads // max(num_kv_heads, 1))
     block_m = decode_block_m(group)
-    programs = batch * num_kv_heads * triton.cdiv(group, block_m)
+    programs = batch * num_kv_heads * cdiv(group, block_m)
     if programs <= 0:
         return 1
     slots = num_sms * (1 if block_m >= 64 else DECODE_CTAS_PER_SM)
-    n_tiles = triton.cdiv(max(int(seqlen_k), 1), block_n)
+    n_tiles = cdiv(max(int(seqlen_k), 1), block_n)
     splits = min(slots // programs, n_tiles // DECODE_MIN_TILES_PER_SPLIT, DECODE_MAX_SPLITS)
     return max(1, splits)

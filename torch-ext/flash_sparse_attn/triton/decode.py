@@ -557,7 +557,7 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
     if skipping:  # tiles are the skip blocks
         cfg = configs.Config(cfg.block_m, configs.SKIP_BLOCK_N, cfg.num_warps, cfg.num_stages)
     block_m = decode_block_m(group)
-    m_chunks = triton.cdiv(group, block_m)
+    m_chunks = configs.cdiv(group, block_m)
 
     if is_gather:
         n_items = gather_kv_indices.shape[-1]
@@ -566,7 +566,7 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
         n_items = 0
         work = max_seqlen_k if is_packed and max_seqlen_k > 0 else \
             (cache_len if not is_packed else k_cache.shape[0])
-    n_tiles = max(1, triton.cdiv(work, cfg.block_n))
+    n_tiles = max(1, configs.cdiv(work, cfg.block_n))
     if num_splits is None or num_splits <= 0:
         num_splits = decode_num_splits(batch, num_heads, num_kv_heads, work, cfg.block_n,
                                        num_sms(q.device))

@@ -664,7 +664,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                                        window_sizes is not None, alpha is not None,
                                        has_threshold or gate_skip, tma=use_tma)
     head_dim_pad = configs.head_dim_pad(head_dim)
-    n_m = triton.cdiv(seqlen_q, cfg.block_m)
+    n_m = configs.cdiv(seqlen_q, cfg.block_m)
     splits = 1 if has_threshold or gate_skip else configs.fwd_num_splits(
         q, n_m * batch * num_heads, seqlen_k, cfg.block_n, num_splits)
     if use_tma:

@@ -44,6 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import configs
 from .common import (LN2, online_softmax_step, softmax_rescale, softmax_skip_threshold, visible,
                      visible_count)
 
@@ -520,7 +521,7 @@ def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, confi
     if sparse and (bm != 64 or config.block_n != 128 or skip is None):
         raise ValueError("the sparse Gluon forward takes 64-row warpgroups, 128-key tiles (two "
                          "64-key skip blocks) and a skip tensor")
-    grid = (triton.cdiv(seqlen_q, config.block_m) * batch * num_heads,)
+    grid = (configs.cdiv(seqlen_q, config.block_m) * batch * num_heads,)
     _attn_fwd_hopper_kernel[grid](
         _descriptor(q, bm, head_dim), _descriptor(k, config.block_n, head_dim),
         _descriptor(v, config.block_n, head_dim), out, lse, skip if sparse else lse,
