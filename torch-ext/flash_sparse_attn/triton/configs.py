@@ -302,12 +302,15 @@ DECODE_MAX_BLOCK_M = 64  # at most this many query heads of a KV head per progra
 # --------------------------------------------------------------------------------------------
 def cdiv(a: int, b: int) -> int:
     """Ceil division for host code: `triton.cdiv` is a constexpr_function, whose call from
-    Python costs ~4.5 us (Triton 3.6 and 3.9), and launchers call it several times per call."""
-    return -(-int(a) // int(b))
+    Python costs ~1.7 us (Triton 3.6 and 3.9), and launchers call it several times per call.
+    No int() coercion: under torch.compile a and b may be symbolic sizes, which must stay
+    symbolic (fake implementations compute shapes with it)."""
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1), for host code (see `cdiv`)."""
+    """The smallest power of two >= n (1 for n <= 1), for host code (see `cdiv`), of static
+    ints (head dims, group sizes, split counts)."""
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
