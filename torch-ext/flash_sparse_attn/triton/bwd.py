@@ -730,8 +730,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     lse = lse.contiguous()
     di = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
-    stride_l = (0, lse.stride(0), lse.stride(1)) if is_varlen \
-        else (lse.stride(0), lse.stride(1), lse.stride(2))
+    stride_l = _strides3(lse, is_varlen)  # [H, total_q] or [B, H, Sq]
     dummy = q
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_VARLEN=is_varlen)
     _bwd_preprocess_kernel[(configs.cdiv(seqlen_q, cfg.block_m_pre), batch * num_heads)](

@@ -580,18 +580,16 @@ def _strides3(t, is_varlen):
     """(batch, seq, head) strides of q/k/v/out; batch stride 0 for varlen [total, H, D]."""
     if t is None:
         return 0, 0, 0
-    if is_varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+    st = t.stride()  # one call: each Tensor.stride(i) costs as much as the whole tuple
+    return (0, st[0], st[1]) if is_varlen else st[:3]
 
 
 def _gate_strides(t, is_varlen):
     """(batch, head, seq) strides of alpha [B,H,S] / delta [B,Hkv,S] (varlen: [H, total])."""
     if t is None:
         return 0, 0, 0
-    if is_varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+    st = t.stride()  # one call: each Tensor.stride(i) costs as much as the whole tuple
+    return (0, st[0], st[1]) if is_varlen else st[:3]
 
 
 def _kv_descriptor(t, is_varlen, block_n, head_dim_pad):
@@ -673,10 +671,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     else:
         k_desc = v_desc = q  # never dereferenced
     is_local = window_sizes is not None
-    if is_varlen:
-        stride_l = (0, lse.stride(0), lse.stride(1))
-    else:
-        stride_l = (lse.stride(0), lse.stride(1), lse.stride(2))
+    stride_l = _strides3(lse, is_varlen)  # [H, total_q] or [B, H, Sq]
     grid = (n_m * batch * num_heads, splits)
     dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
     if splits > 1:
