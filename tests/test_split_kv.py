@@ -176,3 +176,8 @@ def test_split_heuristic(fsa):
     q = torch.zeros(1, 1, 1, 8)
     assert configs.fwd_num_splits(q, 64, 131072, 64) == 1
     assert configs.fwd_num_splits(q, 64, 300, 128, requested=9) == 3  # 3 tiles of 128 keys
+    # the partials' workspace stays under FWD_SPLIT_WORKSPACE_BYTES
+    row = configs.FWD_SPLIT_WORKSPACE_BYTES // 4
+    assert configs.fwd_num_splits(q, 64, 1 << 20, 64, requested=32, partial_row_bytes=row) == 4
+    assert configs.fwd_num_splits(q, 64, 1 << 20, 64, requested=32,
+                                  partial_row_bytes=4 * row) == 1

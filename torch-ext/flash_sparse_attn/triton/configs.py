@@ -331,19 +331,30 @@ FWD_MIN_TILES_PER_SPLIT = 16
 FWD_MAX_SPLITS = 32
 
 
-def fwd_num_splits(q, programs: int, seqlen_k: int, block_n: int, requested: int = 0) -> int:
+FWD_SPLIT_WORKSPACE_BYTES = 1 << 30  # at most this much fp32 workspace for the partials
+
+
+def fwd_num_splits(q, programs: int, seqlen_k: int, block_n: int, requested: int = 0,
+                   partial_row_bytes: int = 0) -> int:
     """Split-KV of the forward's "tma" and "portable" paths (`fwd.py`, IS_SPLIT; the Gluon
     path does not split, and `fwd_path` takes it only when no split is asked for): how many
     programs share each query tile's keys. `requested` > 0 (the functions' `num_splits`) is
     taken as given, at most the key tiles there are; 0 = `fwd_split_heuristic` on CUDA (CPU
     tensors and the interpreter never split by heuristic). `programs`: batch x heads x query
-    tiles of the launch."""
+    tiles of the launch. `partial_row_bytes`: the workspace one split needs (all rows' fp32
+    partial out and lse); the count is capped so that the partials stay under
+    FWD_SPLIT_WORKSPACE_BYTES (a large num_splits on a long prefill would otherwise ask for
+    tens of GB)."""
     n_tiles = cdiv(max(int(seqlen_k), 1), block_n)
     if requested and requested > 0:
-        return max(1, min(int(requested), n_tiles))
-    if q.device.type != "cuda" or interpreting():
+        splits = max(1, min(int(requested), n_tiles))
+    elif q.device.type != "cuda" or interpreting():
         return 1
-    return fwd_split_heuristic(programs, n_tiles, num_sms(q.device))
+    else:
+        splits = fwd_split_heuristic(programs, n_tiles, num_sms(q.device))
+    if partial_row_bytes > 0:
+        splits = min(splits, max(1, FWD_SPLIT_WORKSPACE_BYTES // partial_row_bytes))
+    return splits
 
 
 def fwd_split_heuristic(programs: int, n_tiles: int, sms: int = 132) -> int:

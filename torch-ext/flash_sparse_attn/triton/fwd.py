@@ -663,8 +663,10 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                                        has_threshold or gate_skip, tma=use_tma)
     head_dim_pad = configs.head_dim_pad(head_dim)
     n_m = configs.cdiv(seqlen_q, cfg.block_m)
+    tokens = q.shape[0] if is_varlen else batch * seqlen_q
     splits = 1 if has_threshold or gate_skip else configs.fwd_num_splits(
-        q, n_m * batch * num_heads, seqlen_k, cfg.block_n, num_splits)
+        q, n_m * batch * num_heads, seqlen_k, cfg.block_n, num_splits,
+        partial_row_bytes=tokens * num_heads * (head_dim + 1) * 4)
     if use_tma:
         k_desc = _kv_descriptor(k, is_varlen, cfg.block_n, head_dim_pad)
         v_desc = _kv_descriptor(v, is_varlen, cfg.block_n, head_dim_pad)
@@ -675,7 +677,6 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     grid = (n_m * batch * num_heads, splits)
     dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
     if splits > 1:
-        tokens = q.shape[0] if is_varlen else batch * seqlen_q
         o_part = torch.empty((tokens * num_heads, splits, head_dim), dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty((tokens * num_heads, splits), dtype=torch.float32,
