@@ -192,6 +192,12 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, skip, alpha, delta, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalpha, ddelta
 
 
+def _unit_last_stride(dout):
+    """The kernels read dout rows with unit stride: a copy only when autograd hands over
+    another layout."""
+    return dout.contiguous() if dout.stride(-1) != 1 else dout
+
+
 def _fwd_setup_context(ctx, inputs, output):
     # inputs: q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
     # window_sizes, max_seqlens, floats, flags
@@ -209,7 +215,7 @@ def _fwd_backward(ctx, dout, dlse, dskip):
     (q, k, v, out, lse, skip, alpha, delta, cu_q, cu_k, seqused_k,
      window_sizes) = ctx.saved_tensors
     dq, dk, dv, dalpha, ddelta = attn_bwd(
-        dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, skip, alpha,
+        _unit_last_stride(dout), q, k, v, out, lse, skip, alpha,
         delta, cu_q, cu_k, seqused_k, window_sizes, *ctx.scalars,
     )
     return (dq, dk, dv, dalpha if alpha is not None else None,
@@ -260,7 +266,7 @@ def attn_bwd_plain(
 
 @attn_bwd_plain.register_fake
 def _attn_bwd_plain_fake(dout, q, k, v, out, lse, skip, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _attn_bwd_fake(dout, q, k, v, out, lse, skip, None, None)[:3]
 
 
 def _fwd_plain_setup_context(ctx, inputs, output):
@@ -270,8 +276,8 @@ def _fwd_plain_setup_context(ctx, inputs, output):
 
 def _fwd_plain_backward(ctx, dout, dlse, dskip):
     q, k, v, out, lse, skip = ctx.saved_tensors
-    dq, dk, dv = attn_bwd_plain(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v,
-                                out, lse, skip, *ctx.scalars)
+    dq, dk, dv = attn_bwd_plain(_unit_last_stride(dout), q, k, v, out, lse, skip,
+                                *ctx.scalars)
     return dq, dk, dv, None, None, None
 
 

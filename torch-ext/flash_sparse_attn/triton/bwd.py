@@ -36,7 +36,7 @@ import triton.language as tl
 from . import configs
 from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
                      walk_range, walk_start)
-from .fwd import _gate_strides, _key_ranges, _mask_stages, _strides3
+from .fwd import _key_ranges, _mask_stages, _strides3
 
 
 @triton.jit
@@ -781,10 +781,10 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
             list_kv, count_kv,
             *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
             *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
-            *_strides3(dv, is_varlen), *stride_l, *_gate_strides(alpha, is_varlen),
-            *_gate_strides(delta, is_varlen),
-            *_gate_strides(dalpha if has_gate else None, is_varlen),
-            *_gate_strides(ddelta if has_gate else None, is_varlen),
+            *_strides3(dv, is_varlen), *stride_l, *_strides3(alpha, is_varlen),
+            *_strides3(delta, is_varlen),
+            *_strides3(dalpha if has_gate else None, is_varlen),
+            *_strides3(ddelta if has_gate else None, is_varlen),
             window_sizes.stride(0) if is_local else 0, *stride_s,
             seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads,
             num_heads // num_kv_heads, heads_first, n_m,
@@ -798,8 +798,8 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
             tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"], list_q, count_q,
             *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
             *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *stride_l,
-            *_gate_strides(alpha, is_varlen), *_gate_strides(delta, is_varlen),
-            *_gate_strides(dalpha if has_gate else None, is_varlen),
+            *_strides3(alpha, is_varlen), *_strides3(delta, is_varlen),
+            *_strides3(dalpha if has_gate else None, is_varlen),
             window_sizes.stride(0) if is_local else 0, *stride_s,
             seqlen_q, seqlen_k, softmax_scale, scale_log2, num_heads,
             num_heads // num_kv_heads, heads_first, n_n_dq,

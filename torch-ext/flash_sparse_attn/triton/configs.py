@@ -329,8 +329,6 @@ def num_sms(device: torch.device) -> int:
 FWD_SPLIT_CTAS_PER_SM = 2  # resident programs per SM the split forward aims for
 FWD_MIN_TILES_PER_SPLIT = 16
 FWD_MAX_SPLITS = 32
-
-
 FWD_SPLIT_WORKSPACE_BYTES = 1 << 30  # at most this much fp32 workspace for the partials
 
 

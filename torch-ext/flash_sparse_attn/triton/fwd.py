@@ -577,15 +577,9 @@ def _attn_fwd_kernel(
 
 
 def _strides3(t, is_varlen):
-    """(batch, seq, head) strides of q/k/v/out; batch stride 0 for varlen [total, H, D]."""
-    if t is None:
-        return 0, 0, 0
-    st = t.stride()  # one call: each Tensor.stride(i) costs as much as the whole tuple
-    return (0, st[0], st[1]) if is_varlen else st[:3]
-
-
-def _gate_strides(t, is_varlen):
-    """(batch, head, seq) strides of alpha [B,H,S] / delta [B,Hkv,S] (varlen: [H, total])."""
+    """The first three strides of a batched tensor, or (0, its two strides) of a varlen one
+    with no batch dimension: q/k/v/out [B, S, H, D] -> (batch, seq, head) ([total, H, D]);
+    alpha/delta [B, H, S] and lse [B, H, Sq] -> (batch, head, seq) ([H, total]). None -> 0s."""
     if t is None:
         return 0, 0, 0
     st = t.stride()  # one call: each Tensor.stride(i) costs as much as the whole tuple
@@ -694,9 +688,9 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         *_strides3(q, is_varlen), *_strides3(k, is_varlen and not paged),
         *_strides3(v, is_varlen and not paged),
         *_strides3(out, is_varlen), *stride_l,
-        *_gate_strides(alpha, is_varlen),
+        *_strides3(alpha, is_varlen),
         *((delta.stride(0), delta.stride(2), delta.stride(1)) if paged and delta is not None
-          else _gate_strides(delta, is_varlen)),  # paged delta [num_pages, page_size, Hkv]
+          else _strides3(delta, is_varlen)),  # paged delta [num_pages, page_size, Hkv]
         window_sizes.stride(0) if is_local else 0,
         *(skip.stride()[:3] if skip.dim() == 4 else (0, 0, 0)),
         page_table.stride(0) if paged else 0,
