@@ -218,7 +218,12 @@ def run_attention_benchmark(mode: str, argv=None):
                 v = torch.randn_like(k)
                 impls = {"fsa": (lambda *t: t, lambda q_, k_, v_: fsa.flash_dense_attn_func(
                     q_, k_, v_, is_causal=causal))}
-                if mode == "fwd":
+                if mode == "bwd":
+                    # the portable backward next to the one configs.bwd_path picks (on
+                    # Hopper: the Gluon kernel at D = 64 / 128); the path is forced around
+                    # the backward call below
+                    impls["portable"] = impls["fsa"]
+                else:
                     # the other kernel paths next to the one configs.fwd_path picks (on
                     # Hopper: the Gluon kernel at D = 64 / 128, else the TMA path)
                     for path in ("tma", "portable"):
@@ -245,8 +250,11 @@ def run_attention_benchmark(mode: str, argv=None):
                             out = run(*leaves)
                             g = torch.randn_like(out)
 
-                            def call(out=out, g=g, leaves=leaves):
-                                return torch.autograd.grad(out, leaves, g, retain_graph=True)
+                            def call(out=out, g=g, leaves=leaves,
+                                     path="portable" if name == "portable" else None):
+                                with configs.fwd_path_override(path):
+                                    return torch.autograd.grad(out, leaves, g,
+                                                               retain_graph=True)
                         call()
                         ms = bench(call)
                         row[f"{name}_ms"] = ms

@@ -79,3 +79,27 @@ def torch_lowp_attention(q, k, v, scale, mask, alpha=None, delta=None, logsigmoi
 
 def poison_like(t):
     return torch.full_like(t, float("nan"))
+
+
+def kept_element_mask(codes, skip_m, skip_n, base):
+    """[H, Sq, Sk]: the visible pairs of `base` whose block a kernel kept (codes [H, nQB, nKB]
+    of skip_m x skip_n blocks, 2 = skipped); base when there are no codes."""
+    if codes.numel() == 0:
+        return base
+    rows = torch.arange(base.shape[1], device=codes.device) // skip_m
+    cols = torch.arange(base.shape[2], device=codes.device) // skip_n
+    return base & (codes[:, rows][:, :, cols] < 2)
+
+
+def draw_qkv(b, sq, sk, h, hkv, d, local, generator):
+    """(q [B, Sq, H, D], k, v [B, Sk, Hkv, D]), float32 on the CPU. local: each query close to
+    the key at its own position (plus noise), so far blocks can be skipped; else random."""
+    k = torch.randn(b, sk, hkv, d, generator=generator)
+    v = torch.randn(b, sk, hkv, d, generator=generator)
+    if local:
+        pos = (torch.arange(sq) + sk - sq).clamp(0, sk - 1)
+        q = k[:, pos].repeat_interleave(h // hkv, 2) + torch.randn(b, sq, h, d,
+                                                                   generator=generator)
+    else:
+        q = torch.randn(b, sq, h, d, generator=generator)
+    return q, k, v

@@ -140,36 +140,66 @@ def compile_all(pkg):
     lines.append("kv_append ok")
     lines.append("combine ok")
     lines += compile_hopper(pkg)
+    lines += compile_hopper_bwd(pkg)
     return lines
 
 
-def compile_hopper(pkg):
-    """The Gluon forward (triton/hopper.py): dense at both head dims it runs, and sparse."""
-    from triton.experimental.gluon import language as gl
+def _gluon_sm90(fn, sig, consts):
+    """Compile Gluon kernel `fn` for sm_90 with the given argument types and constexprs (every
+    other argument an i32), as its launch would."""
     from triton.experimental.gluon._runtime import GluonASTSource
     import triton
     from triton.backends.compiler import GPUTarget
 
+    for n in fn.arg_names:
+        sig.setdefault(n, "constexpr" if n in consts else "i32")
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={
+        (fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+def _desc(rows, d):
+    from triton.experimental.gluon import language as gl
+
+    lay = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
+    return f"tensordesc<bf16[1, {rows}, 1, {d}],{lay!r}>"
+
+
+def compile_hopper(pkg):
+    """The Gluon forward (triton/hopper.py): dense at both head dims it runs, and sparse."""
     fn = importlib.import_module(f"{pkg}.triton.hopper")._attn_fwd_hopper_kernel
     lines = []
     for d, causal, sparse in ((128, True, False), (64, False, False), (128, True, True)):
-        def desc(rows):
-            lay = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
-            return f"tensordesc<bf16[1, {rows}, 1, {d}],{lay!r}>"
-
-        sig = dict(q_desc=desc(64), k_desc=desc(128), v_desc=desc(128), O="*bf16", LSE="*fp32",
-                   SKIP="*u8", scale_log2="fp32", softmax_threshold="fp32")
+        sig = dict(q_desc=_desc(64, d), k_desc=_desc(128, d), v_desc=_desc(128, d), O="*bf16",
+                   LSE="*fp32", SKIP="*u8", scale_log2="fp32", softmax_threshold="fp32")
         consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=causal, SPARSE=sparse,
                       CONSUMER_REGS=232 if sparse else 240)  # as the launch sets them
-        for n in fn.arg_names:
-            sig.setdefault(n, "constexpr" if n in consts else "i32")
-        src = GluonASTSource(fn=fn, signature=sig, constexprs={
-            (fn.arg_names.index(k),): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        k = _gluon_sm90(fn, sig, consts)
         ptx = k.asm["ptx"]
         lines.append(f"hopper d{d} causal={causal} sparse={sparse} setmaxnreg={'setmaxnreg' in ptx} "
                      f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
                      f"warps={k.metadata.num_warps}")
+    return lines
+
+
+def compile_hopper_bwd(pkg):
+    """The Gluon backward (triton/hopper_bwd.py): dense at both head dims with atomic dQ,
+    dense without (the dQ pass), and sparse."""
+    fn = importlib.import_module(f"{pkg}.triton.hopper_bwd")._attn_bwd_hopper_kernel
+    lines = []
+    for d, causal, skip, atomic in ((128, True, False, True), (64, False, False, True),
+                                    (128, True, False, False), (128, True, True, True)):
+        desc = _desc(64, d)
+        sig = dict(q_desc=desc, k_desc=desc, v_desc=desc, do_desc=desc, DQ="*fp32",
+                   DK="*bf16", DV="*bf16", LSE2="*fp32", DI="*fp32", SKIP="*u8", LIST="*i16",
+                   COUNT="*i32", softmax_scale="fp32", scale_log2="fp32")
+        consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=causal, HAS_SKIP=skip,
+                      ATOMIC_DQ=atomic, SKIP_M=64, CONSUMER_REGS=208 if atomic else 240,
+                      DQ_REGS=88)  # as the launch sets them
+        ptx = _gluon_sm90(fn, sig, consts).asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+        assert ("red.global" in ptx or "atom.global" in ptx) == atomic
+        lines.append(f"hopper_bwd d{d} causal={causal} skip={skip} atomic_dq={atomic} ok")
     return lines
 
 
@@ -206,7 +236,8 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     assert sum("tma=True" in x for x in lines if x.startswith("fwd")) == 7, lines
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 4 and "combine ok" in lines, lines
-    hopper = [x for x in lines if x.startswith("hopper")]
+    hopper = [x for x in lines if x.startswith("hopper ")]
+    assert sum(x.startswith("hopper_bwd") and x.endswith(" ok") for x in lines) == 4, lines
     assert len(hopper) == 3 and all("setmaxnreg=True" in x and "tma=True" in x and
                                     x.endswith("warps=12") for x in hopper), hopper
 

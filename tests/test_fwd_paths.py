@@ -15,7 +15,8 @@ import importlib
 import pytest
 import torch
 
-from kernel_utils import HAS_CUDA, assert_close_rule, torch_lowp_attention, visible_mask
+from kernel_utils import (HAS_CUDA, assert_close_rule, draw_qkv, kept_element_mask,
+                          torch_lowp_attention, visible_mask)
 
 
 def _mods(fsa):
@@ -43,12 +44,7 @@ CASES = [
 
 
 def _element_mask(codes, configs, d, base):
-    """[H, Sq, Sk]: visible pairs of `base` whose block the kernel kept (codes [H, nQB, nKB])."""
-    if codes.numel() == 0:
-        return base
-    rows = torch.arange(base.shape[1], device=codes.device) // configs.skip_block_m(d)
-    cols = torch.arange(base.shape[2], device=codes.device) // configs.SKIP_BLOCK_N
-    return base & (codes[:, rows][:, :, cols] < 2)
+    return kept_element_mask(codes, configs.skip_block_m(d), configs.SKIP_BLOCK_N, base)
 
 
 @pytest.mark.gpu
@@ -89,15 +85,7 @@ def _check_path(fsa, path, b, sq, sk, h, hkv, d, causal, win, t, gated, local, s
     fwd, configs, ref = _mods(fsa)
     g = torch.Generator().manual_seed(sq * 7 + d)
     dev, dt = "cuda", torch.bfloat16
-    k = torch.randn(b, sk, hkv, d, generator=g)
-    v = torch.randn(b, sk, hkv, d, generator=g).to(dev, dt)
-    if local:  # each query close to the key at its own position: far blocks can be skipped
-        pos = (torch.arange(sq) + sk - sq).clamp(0, sk - 1)
-        q = k[:, pos].repeat_interleave(h // hkv, 2) + torch.randn(b, sq, h, d, generator=g)
-        q = q.to(dev, dt)
-    else:
-        q = torch.randn(b, sq, h, d, generator=g).to(dev, dt)
-    k = k.to(dev, dt)
+    q, k, v = (x.to(dev, dt) for x in draw_qkv(b, sq, sk, h, hkv, d, local, g))
     alpha = delta = None
     if gated:  # strided views; a stretch of closed keys for the gate test
         alpha = (1 + torch.rand(b, sq, h, generator=g)).to(dev, dt).transpose(1, 2)

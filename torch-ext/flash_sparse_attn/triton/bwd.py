@@ -715,9 +715,14 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold != 0))
     cfg = config or configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
                                        window_sizes is not None, has_gate, has_skip)
-    # dQ in its own pass (deterministic, and on H200 faster than fp32 atomics at D=128)
-    # unless the launch table prefers atomics and determinism was not asked for
-    atomic_dq = cfg.atomic_dq and not deterministic
+    skip_m = configs.skip_block_m(head_dim)
+    path = configs.bwd_path(q, k, v, dout, hopper_covers=not is_varlen and not has_gate
+                            and window_sizes is None and seqused_k is None and config is None)
+    # portable: dQ in its own pass (deterministic, and on H200 faster than fp32 atomics at
+    # D=128) unless the launch table prefers atomics; hopper: as configs.HOPPER_BWD_DQ says.
+    # deterministic=True: always the own pass
+    atomic_dq = (configs.HOPPER_BWD_DQ[head_dim] == "atomic" if path == "hopper"
+                 else cfg.atomic_dq) and not deterministic
     dalpha = torch.zeros(alpha.shape, dtype=torch.float32 if atomic_dq else alpha.dtype,
                          device=q.device) if has_gate else q.new_empty((0,))
     ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=q.device) if has_gate \
@@ -738,8 +743,15 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         *_strides3(out, is_varlen), *_strides3(dout, is_varlen), *stride_l, seqlen_q, num_heads,
         BLOCK_M=cfg.block_m_pre, num_warps=4, **common,
     )
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq \
-        else torch.empty_like(q)
+    if atomic_dq:
+        # the Gluon kernel adds whole query tiles: rows padded to its tile, no masked atomics
+        rows = configs.cdiv(seqlen_q, configs.HOPPER_BWD_TILE[0]) * configs.HOPPER_BWD_TILE[0] \
+            if path == "hopper" else seqlen_q
+        dq_acc = torch.zeros((batch, rows) + tuple(q.shape[2:]) if not is_varlen else q.shape,
+                             dtype=torch.float32, device=q.device)
+        dq = dq_acc[:, :seqlen_q] if path == "hopper" else dq_acc
+    else:
+        dq = torch.empty_like(q)
     flags = dict(
         IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
         WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
@@ -755,16 +767,19 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         SKIP=skip if has_skip else dummy,
     )
     stride_s = skip.stride()[:3] if has_skip else (0, 0, 0)
-    skip_m = configs.skip_block_m(head_dim)
     flags.update(HAS_SKIP=has_skip, SKIP_M=skip_m, SKIP_N=configs.SKIP_BLOCK_N)
     scale_log2 = softmax_scale * 1.4426950408889634
     heads_first = int(configs.heads_first("bwd", is_local))
     n_m, n_n = configs.cdiv(seqlen_q, cfg.block_m), configs.cdiv(seqlen_k, cfg.block_n)
     n_m_dq, n_n_dq = configs.cdiv(seqlen_q, cfg.block_m_dq), configs.cdiv(seqlen_k, cfg.block_n_dq)
+    if path == "hopper":
+        n_m, n_n = (configs.cdiv(seqlen_q, configs.HOPPER_BWD_TILE[0]),
+                    configs.cdiv(seqlen_k, configs.HOPPER_BWD_TILE[1]))
     if has_skip:
         configs.check_skip_tiles(cfg, skip_m)
-        list_kv, count_kv = _kept_tile_lists(skip, skip_m, cfg.block_m, cfg.block_n, n_m, n_n,
-                                             True)
+        list_kv, count_kv = _kept_tile_lists(
+            skip, skip_m, *(configs.HOPPER_BWD_TILE if path == "hopper"
+                            else (cfg.block_m, cfg.block_n)), n_m, n_n, True)
         list_q, count_q = _kept_tile_lists(skip, skip_m, cfg.block_m_dq, cfg.block_n_dq,
                                            n_m_dq, n_n_dq, False) if not atomic_dq \
             else (dummy, dummy)
@@ -774,23 +789,31 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     # independent, and dQ programs fill the SMs that the tail of the dK/dV grid leaves idle
     side = _side_stream(q) if not atomic_dq else None
     with _on_stream(side):
-        _attn_bwd_dkdv_kernel[(n_n * batch * num_kv_heads,)](
-            q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
-            dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"],
-            tensors["CU_K"], tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
-            list_kv, count_kv,
-            *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
-            *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
-            *_strides3(dv, is_varlen), *stride_l, *_strides3(alpha, is_varlen),
-            *_strides3(delta, is_varlen),
-            *_strides3(dalpha if has_gate else None, is_varlen),
-            *_strides3(ddelta if has_gate else None, is_varlen),
-            window_sizes.stride(0) if is_local else 0, *stride_s,
-            seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads,
-            num_heads // num_kv_heads, heads_first, n_m,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        )
+        if path == "hopper":
+            from .hopper_bwd import launch_attn_bwd_hopper
+
+            launch_attn_bwd_hopper(q, k, v, dout, dq_acc if atomic_dq else dq, dk, dv, lse2, di,
+                                   softmax_scale=softmax_scale, is_causal=is_causal,
+                                   atomic_dq=atomic_dq, skip=skip if has_skip else None,
+                                   lists=(list_kv, count_kv))
+        else:
+            _attn_bwd_dkdv_kernel[(n_n * batch * num_kv_heads,)](
+                q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
+                dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"],
+                tensors["CU_K"], tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
+                list_kv, count_kv,
+                *_strides3(q, is_varlen), *_strides3(k, is_varlen), *_strides3(v, is_varlen),
+                *_strides3(dout, is_varlen), *_strides3(dq, is_varlen), *_strides3(dk, is_varlen),
+                *_strides3(dv, is_varlen), *stride_l, *_strides3(alpha, is_varlen),
+                *_strides3(delta, is_varlen),
+                *_strides3(dalpha if has_gate else None, is_varlen),
+                *_strides3(ddelta if has_gate else None, is_varlen),
+                window_sizes.stride(0) if is_local else 0, *stride_s,
+                seqlen_q, seqlen_k, softmax_scale, scale_log2, num_kv_heads,
+                num_heads // num_kv_heads, heads_first, n_m,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ATOMIC_DQ=atomic_dq,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            )
     if not atomic_dq:
         _attn_bwd_dq_kernel[(n_m_dq * batch * num_heads,)](
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],

@@ -122,6 +122,16 @@ def _has_module(name: str) -> bool:
 FWD_PATHS = ("hopper", "tma", "portable")
 # the head dims fwd_path sends to the "hopper" path, dense and sparse
 HOPPER_HEAD_DIMS = {"dense": (64, 128), "sparse": (128,)}
+# the backward's "hopper" path (triton/hopper_bwd.py): its tile (query rows, keys: two
+# consumer warpgroups of 64 keys, each one skip block), and per head dim how dQ is made:
+# "atomic", by the kernel's dQ warpgroup (5 matmuls per tile pair), or "pass", by bwd.py's
+# deterministic dQ kernel next to it (7). Measured (H200, bf16, causal, H=32, Hkv=8, 16k):
+# D=64 atomic 6.65 ms (portable 8.33, cuDNN 6.39); D=128 the dK/dV kernel alone 6.97 ms, with
+# atomic dQ 23.8 (a dQ warpgroup leaves the consumers 208 registers: they spill), with each
+# consumer adding half of dQ after a barrier between the two 14.6, or taking turns over pairs
+# of tiles 14.9, all slower than the portable backward (13.6)
+HOPPER_BWD_TILE = (64, 128)
+HOPPER_BWD_DQ = {64: "atomic", 128: "pass"}
 
 
 @contextlib.contextmanager
@@ -164,6 +174,25 @@ def fwd_path(q, k, v, hopper_covers: bool = False, sparse: bool = False) -> str:
             and _has_module("triton.experimental.gluon.language.nvidia.hopper")):
         return "hopper"
     return "tma"
+
+
+def bwd_path(q, k, v, dout, hopper_covers: bool = False) -> str:
+    """The backward's kernel path, chosen here only: "hopper" (`triton/hopper_bwd.py`, the
+    warp-specialised Gluon dK/dV + dQ kernel) for the calls it covers (`hopper_covers`:
+    batched, no gate, window or seqused_k; dense or sparse with 64-row skip blocks) at the
+    head dims of HOPPER_BWD_DQ on sm_90 when TMA can address q, k, v and dout; else
+    "portable" (`triton/bwd.py`). fwd_path_override("hopper" / None) allows the Gluon path,
+    any other forced path the portable one."""
+    forced = _FWD_PATH[0]
+    if (hopper_covers and forced in (None, "hopper") and q.device.type == "cuda"
+            and not interpreting() and q.shape[-1] in HOPPER_BWD_DQ
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and _capability(q.device.index if q.device.index is not None
+                            else torch.cuda.current_device())[0] == 9
+            and all(_tma_ready(t) for t in (q, k, v, dout))
+            and _has_module("triton.experimental.gluon.language.nvidia.hopper")):
+        return "hopper"
+    return "portable"
 
 
 def hopper_config(q, head_dim) -> Config:
