@@ -27,7 +27,8 @@ Notation
   (`bwd._kept_tile_lists`, 64 x 128 tiles: a tile pair whose two blocks were both skipped is
   never visited); a warpgroup's 64 keys are exactly one skip block, and a block the forward
   skipped inside a visited pair gets P = 0 (masked, exact).
-- Masks are the portable family's (`common.visible_2d`), called from Gluon.
+- Masks and the query tiles a key tile visits are the portable family's (`common.visible_2d`,
+  `bwd._query_ranges`), called from Gluon.
 
 Caution
 - Batched attention only (no gate, window, varlen or seqused_k), head dims 64 and 128
@@ -47,6 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from . import configs
+from .bwd import _query_ranges
 from .common import visible_2d
 from .hopper import _descriptor, _mma_layout, _tma_load
 
@@ -55,14 +57,14 @@ _warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
-def _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """Query tiles [m_lo, n_m) holding a row that may see a key at or after n0."""
-    n_m = gl.cdiv(seqlen_q, BLOCK_M)
-    if IS_CAUSAL:
-        m_lo = gl.minimum(gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // BLOCK_M, n_m)
-    else:
-        m_lo = n_m * 0
-    return m_lo, n_m
+def _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 IS_CAUSAL: gl.constexpr):
+    """The portable backward's query-tile rule (`bwd._query_ranges`) for the BLOCK_N keys from
+    n0, in tiles: (m_lo, m_mask, n_m): the tiles [m_lo, n_m) see some key, those below m_mask
+    need the mask (the diagonal, or every tile for keys past Sk)."""
+    whole, edges = _query_ranges(n0, seqlen_q, seqlen_k, seqlen_k - seqlen_q, 0, 0, 0, 0,
+                                 BLOCK_M, BLOCK_N, IS_CAUSAL, False)
+    return edges[0][0] // BLOCK_M, edges[1][0] // BLOCK_M, whole[1][0] // BLOCK_M
 
 
 @gluon.jit
@@ -97,7 +99,7 @@ def _bwd_producer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
     for w in gl.static_range(2):
         _tma_load(k_desc, [b, n0 + w * HALF, hk, 0], kv_bar, k_smem.index(w))
         _tma_load(v_desc, [b, n0 + w * HALF, hk, 0], kv_bar, v_smem.index(w))
-    m_lo, n_m = _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M, IS_CAUSAL)
+    m_lo, _, n_m = _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
     i = 0
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -165,7 +167,7 @@ def _bwd_dq_worker(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: g
     HEAD_DIM: gl.constexpr = desc[0].block_type.shape[3]
     CW: gl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
     mbarrier.wait(kv_bar, 0)
-    m_lo, n_m = _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M, IS_CAUSAL)
+    m_lo, _, n_m = _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
     i = 0
     for g in range(GROUP):
         for c in range(_stream_len(p_count, stride_ch, g, m_lo, n_m, HAS_SKIP)):
@@ -181,8 +183,8 @@ def _bwd_dq_worker(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: g
 
 
 @gluon.jit
-def _tile_grads(b_dk, b_dv, b_k, b_v, q_buf, do_buf, b_lse2, b_di, o_k, m, m_full,
-                edge_k, kept, dist_offset, seqlen_k, scale_log2, IS_CAUSAL: gl.constexpr,
+def _tile_grads(b_dk, b_dv, b_k, b_v, q_buf, do_buf, b_lse2, b_di, o_k, m, m_mask,
+                kept, dist_offset, seqlen_k, scale_log2, IS_CAUSAL: gl.constexpr,
                 HAS_SKIP: gl.constexpr):
     """One stream position of a warpgroup: dV += P^T dO and dK += dS^T Q (unscaled) for its
     keys b_k/b_v against the query tile in q_buf/do_buf; returns dK, dV and dS^T (bf16, for
@@ -203,7 +205,7 @@ def _tile_grads(b_dk, b_dv, b_k, b_v, q_buf, do_buf, b_lse2, b_di, o_k, m, m_ful
     col: gl.constexpr = gl.SliceLayout(0, st_layout)
     b_st = warpgroup_mma_wait(1, deps=[b_st])
     x = b_st * scale_log2 - gl.convert_layout(b_lse2, col)[None, :]
-    if (m < m_full) | edge_k:
+    if m < m_mask:
         o_q = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=col)
         x = gl.where(visible_2d(o_q[None, :], o_k[:, None], dist_offset, seqlen_k, IS_CAUSAL,
                                 False, 0, 0, 0, 0), x, float("-inf"))
@@ -238,19 +240,14 @@ def _bwd_consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
     dist_offset = seqlen_k - seqlen_q
     k_first = n0 + WG * HALF
     o_k = k_first + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
-    # query tiles from m_full on see all this warpgroup's keys (no mask), if all are < Sk
-    k_last = k_first + HALF - 1
-    if IS_CAUSAL:
-        m_full = gl.maximum(gl.cdiv(k_last - dist_offset, BLOCK_M), 0)
-    else:
-        m_full = 0
-    edge_k = k_last >= seqlen_k
+    # query tiles below m_mask need the mask against this warpgroup's keys
+    _, m_mask, _ = _query_tiles(k_first, seqlen_q, seqlen_k, BLOCK_M, HALF, IS_CAUSAL)
     b_dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
     b_dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
     mbarrier.wait(kv_bar, 0)
     b_k = k_smem.index(WG).reshape([HALF, HEAD_DIM])
     b_v = v_smem.index(WG).reshape([HALF, HEAD_DIM])
-    m_lo, n_m = _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M, IS_CAUSAL)
+    m_lo, _, n_m = _query_tiles(n0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
     i = 0
     for g in range(GROUP):
         for c in range(_stream_len(p_count, stride_ch, g, m_lo, n_m, HAS_SKIP)):
@@ -266,8 +263,8 @@ def _bwd_consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
             b_di = gl.load(p_di + off_l, mask=o_ql < seqlen_q, other=0.0)
             mbarrier.wait(q_ready.index(s), (i // STAGES) & 1)
             b_dk, b_dv, b_dst = _tile_grads(b_dk, b_dv, b_k, b_v, q_smem.index(s),
-                                            do_smem.index(s), b_lse2, b_di, o_k, m, m_full,
-                                            edge_k, kept, dist_offset, seqlen_k, scale_log2,
+                                            do_smem.index(s), b_lse2, b_di, o_k, m, m_mask,
+                                            kept, dist_offset, seqlen_k, scale_log2,
                                             IS_CAUSAL, HAS_SKIP)
             mbarrier.arrive(q_empty.index(s), count=1)
             if ATOMIC_DQ:
@@ -352,6 +349,7 @@ def _attn_bwd_hopper_kernel(
     args = ((q_desc, k_desc, v_desc, do_desc), q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar,
             q_ready, q_empty, ds_full, ds_empty, b, hk, n0, seqlen_q, seqlen_k, GROUP, pointers,
             strides, (softmax_scale, scale_log2))
+    # (the two lists differ by the dQ warpgroup; Gluon cannot build a partition list in parts)
     if ATOMIC_DQ:
         gl.warp_specialize([
             (_bwd_consumer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ,
