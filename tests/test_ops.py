@@ -132,6 +132,54 @@ def test_opcheck_decode(fsa, kind, device, dtype):
 
 
 @pytest.mark.parametrize("kind,device,dtype", PATHS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_eager_entry_matches_op(fsa, kind, device, dtype, gated):
+    """`ops.attention` (what the public functions call): in eager mode it runs the ops'
+    implementation under its own autograd node, without the dispatcher, and its outputs and
+    gradients are bitwise those of the registered op; under a dispatch mode it calls the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = _ops(fsa)
+    args = list(_fwd_args(ops, device, dtype, gated=gated, s=40))
+    if not gated:  # the plain op's sparse case: skip codes saved for the backward
+        args[11] = [args[11][0], 1.0, 0.0]
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(args[0].shape, generator=g).to(device, dtype)
+    with _backend(fsa, kind):
+        results = []
+        for via_op in (False, True):
+            leaves = [a.detach().requires_grad_() if a is not None else None for a in args[:5]]
+            if via_op:
+                res = (ops.attn_fwd(*leaves, *args[5:]) if gated
+                       else ops.attn_fwd_plain(*leaves[:3], *args[10:]))
+            else:
+                res = ops.attention(*leaves, *args[5:])
+            node = type(res[0].grad_fn).__name__
+            assert ("EagerAttention" in node) != via_op, node
+            want = [t for t in leaves if t is not None]
+            results.append(list(res) + list(torch.autograd.grad(res[0], want, dout)))
+        assert len(results[0]) == (3 + 5 if gated else 3 + 3)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+    if kind != "reference":  # the interpreter cannot run under a dispatch mode
+        return
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            self.names.append(func.name())
+            return func(*a, **(kw or {}))
+
+    with _backend(fsa, kind), Record() as rec:
+        ops.attention(*args)
+    assert any(n.endswith("::fwd" if gated else "::fwd_plain") for n in rec.names), rec.names
+
+
+@pytest.mark.parametrize("kind,device,dtype", PATHS)
 def test_compile_fullgraph_dynamic_no_recompile(fsa, kind, device, dtype):
     """Forward and backward of the public functions trace with no graph break, and changing
     only the sequence length does not recompile."""

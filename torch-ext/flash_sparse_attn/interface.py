@@ -1,8 +1,9 @@
 """The twelve public functions (names and keywords of upstream flash-sparse-attn 2.0.6).
 
 Each entry point: validate (one function per entry point, `validate.py`), resolve defaults,
-call the registered op (`ops.py`). Nothing here launches a kernel directly, so every function
-traces under `torch.compile(fullgraph=True)`.
+call `ops.py`'s entry (the registered op when traced, its implementation in eager mode).
+Nothing here launches a kernel directly, so every function traces under
+`torch.compile(fullgraph=True)`.
 
 Tuning hints of upstream (`is_split_kv`, `is_split_qo`, `pack_gqa`, `is_autotune`, `tile_mn`,
 `skip_checks`) are accepted; they never change results. `skip_checks=True` skips only the
@@ -86,12 +87,8 @@ def _attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k, max_
                               float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold),
                               bool(is_logsigmoid_gate), bool(is_adapt_gate), bool(deterministic),
                               int(num_splits or 0))
-    if (alpha is None and cu_seqlens_q is None and seqused_k is None and page_table is None
-            and window_sizes is None):
-        o, l, skip = ops.attn_fwd_plain(query, key, value, *scalars)
-    else:
-        o, l, skip = ops.attn_fwd(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k,
-                                  seqused_k, page_table, window_sizes, *scalars)
+    o, l, skip = ops.attention(query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k,
+                               seqused_k, page_table, window_sizes, *scalars)
     return _finish(o, l, out, lse, return_lse, skip if return_skip_mask else None)
 
 
@@ -100,8 +97,8 @@ def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused
             softmax_threshold, gate_threshold, is_logsigmoid_gate, num_splits, out, lse,
             return_lse, return_skip_mask=False):
     if k_new is not None:
-        ops.kv_append(key, value, delta, k_new, v_new, delta_new, page_table, cu_seqlens_k,
-                      seqused_k)
+        ops.kv_append_entry(key, value, delta, k_new, v_new, delta_new, page_table,
+                            cu_seqlens_k, seqused_k)
         seqused_k = seqused_k + 1
     if cu_seqlens_k is None:
         if page_table is not None:
@@ -110,7 +107,7 @@ def _decode(query, key, value, alpha, delta, cu_seqlens_k, max_seqlen_k, seqused
             max_seqlen_k = key.shape[1]
     window_sizes = _default_windows(window_sizes, is_local, max_seqlen_k, key.shape[-2],
                                     query.device)
-    o, l, codes = ops.attn_decode(
+    o, l, codes = ops.decode(
         query, key, value, alpha, delta, page_table, cu_seqlens_k, seqused_k, gather_kv_indices,
         window_sizes, int(max_seqlen_k), _scale(softmax_scale, query.shape[-1]),
         float(softmax_threshold or 0.0), _gate_arg(alpha, gate_threshold), bool(is_logsigmoid_gate),

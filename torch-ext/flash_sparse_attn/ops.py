@@ -17,6 +17,13 @@ Ops:
              arguments, 55 us at 6.
 - `kv_append` writes the new token's key/value (and delta) into a cache, in place.
 - `decode`   one query token per sequence over a (paged, gathered) KV cache.
+
+interface.py calls `attention`, `decode` and `kv_append_entry`: traced (torch.compile,
+export, a dispatch or torch-function mode, torch.func, tensor subclasses) they call these
+ops; in plain eager mode (`eager`) the same implementations directly, under a plain
+autograd.Function for the forward (the op layers alone measured 55 us per call, and an op's
+autograd wrapper several times that, against a whole SDPA call of 40 us). Both give the same
+bits (tests/test_ops.py).
 """
 
 from __future__ import annotations
@@ -207,19 +214,25 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.scalars = inputs[10:]
 
 
-def _fwd_backward(ctx, dout, dlse, dskip):
+def _fwd_grads(ctx, dout, bwd):
+    """(dq, dk, dv, dalpha or None, ddelta or None) from what `_fwd_setup_context` saved;
+    `bwd` is the `bwd` op (traced calls) or `_bwd_impl` (eager)."""
     if ctx.paged:
         raise NotImplementedError(
             "backward through a paged KV cache (page_table) is not supported: the paged "
             "forward is for inference (chunked prefill); pass contiguous keys/values to train")
     (q, k, v, out, lse, skip, alpha, delta, cu_q, cu_k, seqused_k,
      window_sizes) = ctx.saved_tensors
-    dq, dk, dv, dalpha, ddelta = attn_bwd(
+    dq, dk, dv, dalpha, ddelta = bwd(
         _unit_last_stride(dout), q, k, v, out, lse, skip, alpha,
         delta, cu_q, cu_k, seqused_k, window_sizes, *ctx.scalars,
     )
     return (dq, dk, dv, dalpha if alpha is not None else None,
-            ddelta if delta is not None else None, None, None, None, None, None, None, None, None)
+            ddelta if delta is not None else None)
+
+
+def _fwd_backward(ctx, dout, dlse, dskip):
+    return _fwd_grads(ctx, dout, attn_bwd) + (None,) * 8
 
 
 attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -285,6 +298,73 @@ attn_fwd_plain.register_autograd(_fwd_plain_backward, setup_context=_fwd_plain_s
 
 
 # --------------------------------------------------------------------------------------------
+# the entry points of interface.py: the registered ops when traced, the same code without the
+# dispatcher in eager mode
+# --------------------------------------------------------------------------------------------
+_EAGER_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors) -> bool:
+    """True when a call can run its implementation without the op dispatcher: not traced
+    (torch.compile, torch.jit), no torch-function or dispatch mode active (FakeTensor,
+    export, FlopCounterMode, selective checkpointing ...), no torch.func transform, and plain
+    tensors (no subclass with its own dispatch). Then the registered op would only add host
+    time (about 55 us per op call, and ~3x that for an op with autograd: its wrapper rebuilds
+    the schema's arguments several times); everything else goes through the ops."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and torch._C._get_tracing_state() is None
+            and all(type(t) in _EAGER_TYPES for t in tensors if t is not None))
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Autograd of `attention` in eager mode: the ops' forward and backward implementations
+    and their save/restore (`_fwd_setup_context`, `_fwd_grads`), without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+                window_sizes, max_seqlens, floats, flags):
+        inputs = (q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+                  window_sizes, max_seqlens, floats, flags)
+        output = _fwd_impl(*inputs)
+        _fwd_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)  # no zero tensor for the unused lse gradient
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse, dskip):
+        if dout is None:
+            return (None,) * 13
+        return _fwd_grads(ctx, dout, _bwd_impl) + (None,) * 8
+
+
+def attention(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+              window_sizes, max_seqlens, floats, flags):
+    """(out, lse, skip) of `fwd`, differentiable in q, k, v, alpha, delta: in eager mode
+    (`eager`) the implementation under a plain autograd.Function (or no autograd at all
+    when nothing needs a gradient), traced the registered op (`fwd_plain` when every optional
+    tensor is None, its shorter schema)."""
+    if eager(q, k, v, alpha, delta):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (alpha is not None and alpha.requires_grad)
+                                        or (delta is not None and delta.requires_grad)):
+            return _EagerAttention.apply(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k,
+                                         seqused_k, page_table, window_sizes, max_seqlens,
+                                         floats, flags)
+        return _fwd_impl(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                         page_table, window_sizes, max_seqlens, floats, flags)
+    if (alpha is None and delta is None and cu_seqlens_q is None and seqused_k is None
+            and page_table is None and window_sizes is None):
+        return attn_fwd_plain(q, k, v, max_seqlens, floats, flags)
+    return attn_fwd(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+                    window_sizes, max_seqlens, floats, flags)
+
+
+# --------------------------------------------------------------------------------------------
 # decode
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op(
@@ -303,6 +383,12 @@ def kv_append(
 ) -> None:
     """Write k_new/v_new [B, Hkv, D] (delta_new [B, Hkv]) at position seqused_k[b] of each
     sequence's cache, in place."""
+    _kv_append_impl(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, page_table,
+                    cu_seqlens_k, seqused_k)
+
+
+def _kv_append_impl(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, page_table,
+                    cu_seqlens_k, seqused_k):
     if use_triton(k_new):
         from .triton.decode import launch_kv_append
 
@@ -341,6 +427,15 @@ def attn_decode(
     """q [B, H, D] -> (out [B, H, D], lse [B, H] fp32, codes). num_splits <= 0: heuristic.
     codes: the skip codes of SPEC §7, uint8 [B, H, nKB] when return_codes and the call can
     skip (configs.decode_codes_shape), else empty."""
+    return _decode_impl(q, k_cache, v_cache, alpha, delta_cache, page_table, cu_seqlens_k,
+                        seqused_k, gather_kv_indices, window_sizes, max_seqlen_k, softmax_scale,
+                        softmax_threshold, gate_threshold, is_logsigmoid_gate, num_splits,
+                        return_codes)
+
+
+def _decode_impl(q, k_cache, v_cache, alpha, delta_cache, page_table, cu_seqlens_k, seqused_k,
+                 gather_kv_indices, window_sizes, max_seqlen_k, softmax_scale, softmax_threshold,
+                 gate_threshold, is_logsigmoid_gate, num_splits, return_codes):
     args = dict(
         alpha=alpha, delta_cache=delta_cache, page_table=page_table, cu_seqlens_k=cu_seqlens_k,
         seqused_k=seqused_k, gather_kv_indices=gather_kv_indices, window_sizes=window_sizes,
@@ -367,3 +462,17 @@ def _attn_decode_fake(q, k_cache, v_cache, alpha, delta_cache, page_table, cu_se
     return (torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32),
             q.new_empty(decode_codes_shape(q, k_cache, page_table, cu_seqlens_k, max_seqlen_k,
                                            skips), dtype=torch.uint8))
+
+
+def kv_append_entry(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, page_table,
+                    cu_seqlens_k, seqused_k) -> None:
+    """`kv_append`, without the dispatcher in eager mode (`eager`)."""
+    fn = _kv_append_impl if eager(k_cache, v_cache, delta_cache, k_new, v_new) else kv_append
+    fn(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, page_table, cu_seqlens_k,
+       seqused_k)
+
+
+def decode(q, k_cache, v_cache, alpha, delta_cache, *rest):
+    """`attn_decode` (same arguments), without the dispatcher in eager mode (`eager`)."""
+    fn = _decode_impl if eager(q, k_cache, v_cache, alpha, delta_cache) else attn_decode
+    return fn(q, k_cache, v_cache, alpha, delta_cache, *rest)
