@@ -270,8 +270,9 @@ def test_first_backward_equals_second_and_deterministic_is_bitwise(fsa):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_atomic_dq_path(fsa, gated):
-    """The opt-in atomic dQ (and dalpha) path of the dK/dV kernel agrees with the dQ pass."""
+def test_atomic_dq_path(fsa, gated, monkeypatch):
+    """The opt-in atomic dQ (and dalpha) path of the dK/dV kernel agrees with the dQ pass,
+    with every buffer from torch.empty NaN-filled (the preprocess zeroes the accumulator)."""
     import importlib
 
     bwd = importlib.import_module(f"{fsa.__name__}.triton.bwd")
@@ -288,8 +289,16 @@ def test_atomic_dq_path(fsa, gated):
         "block_m", "block_n", "num_warps", "num_stages", "block_m_dq", "block_n_dq",
         "num_warps_dq", "num_stages_dq", "block_m_pre")], atomic_dq=True)
     g_pass = bwd.launch_attn_bwd(do, q, k, v, o, lse, skip, deterministic=False, **kw)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
     g_atom = bwd.launch_attn_bwd(do, q, k, v, o, lse, skip, deterministic=False,
                                  config=atomic, **kw)
+    monkeypatch.undo()
     names = ("dq", "dk", "dv", "dalpha", "ddelta")
     for name, a, b in list(zip(names, g_pass, g_atom))[: 5 if gated else 3]:
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item(),

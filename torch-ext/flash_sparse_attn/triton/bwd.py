@@ -37,16 +37,21 @@ from . import configs
 from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
                      walk_range, walk_start)
 from .fwd import _key_ranges, _mask_stages, _strides3
+from .launch import launch
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, LSE, DI, LSE2, CU_Q,
+    O, DO, LSE, DI, LSE2, CU_Q, DQ_ACC,
     stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
-    stride_lb, stride_lh, stride_ls, seqlen_q_fixed, H,
+    stride_lb, stride_lh, stride_ls, stride_qb, stride_qs, stride_qh, seqlen_q_fixed, H,
+    dq_pad,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
+    """Di = rowsum(O * dO) and lse2 = lse * log2(e) (+inf for empty rows) per query row;
+    ZERO_DQ: also zeroes the fp32 dQ accumulator of the atomic dQ (its rows and the dq_pad
+    rows past them, the padding of the Gluon kernel's whole-tile adds)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -59,12 +64,16 @@ def _bwd_preprocess_kernel(
         q_start = 0
         seqlen_q = seqlen_q_fixed
         b_off = b
-    if pid_m * BLOCK_M >= seqlen_q:
-        return
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM_PAD)
-    m_ok = o_m < seqlen_q
     rows = (q_start + o_m[:, None]).to(tl.int64)
+    if ZERO_DQ:
+        z_ok = (o_m < seqlen_q + dq_pad)[:, None] & (o_d < HEAD_DIM)[None, :]
+        tl.store(DQ_ACC + b_off.to(tl.int64) * stride_qb + rows * stride_qs + h * stride_qh
+                 + o_d[None, :], tl.zeros((BLOCK_M, HEAD_DIM_PAD), tl.float32), mask=z_ok)
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    m_ok = o_m < seqlen_q
     b_o = load_tile(O + b_off.to(tl.int64) * stride_ob + rows * stride_os + h * stride_oh
                      + o_d[None, :], m_ok[:, None], o_d[None, :], HEAD_DIM, HEAD_DIM_PAD, True)
     b_do = load_tile(DO + b_off.to(tl.int64) * stride_db + rows * stride_ds + h * stride_dh
@@ -688,7 +697,7 @@ def _kept_tile_lists(skip, skip_m, block_m, block_n, n_m, n_n, by_key):
     if lists.numel() == 0:
         return lists, counts.zero_()
     chunk = min(1024, max(16, configs.next_pow2(n_inner)))
-    _kept_tiles_kernel[(batch * heads * n_outer,)](
+    launch(_kept_tiles_kernel, (batch * heads * n_outer,),
         skip, lists, counts, *skip.stride(), n_outer, n_inner, n_kb, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, SKIP_M=skip_m,
         SKIP_N=configs.SKIP_BLOCK_N, BY_KEY=by_key, CHUNK=chunk, num_warps=4,
@@ -738,20 +747,25 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     stride_l = _strides3(lse, is_varlen)  # [H, total_q] or [B, H, Sq]
     dummy = q
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_VARLEN=is_varlen)
-    _bwd_preprocess_kernel[(configs.cdiv(seqlen_q, cfg.block_m_pre), batch * num_heads)](
-        out, dout, lse, di, lse2, cu_seqlens_q if is_varlen else dummy,
-        *_strides3(out, is_varlen), *_strides3(dout, is_varlen), *stride_l, seqlen_q, num_heads,
-        BLOCK_M=cfg.block_m_pre, num_warps=4, **common,
-    )
+    dq_pad = 0
     if atomic_dq:
         # the Gluon kernel adds whole query tiles: rows padded to its tile, no masked atomics
-        rows = configs.cdiv(seqlen_q, configs.HOPPER_BWD_TILE[0]) * configs.HOPPER_BWD_TILE[0] \
-            if path == "hopper" else seqlen_q
-        dq_acc = torch.zeros((batch, rows) + tuple(q.shape[2:]) if not is_varlen else q.shape,
-                             dtype=torch.float32, device=q.device)
-        dq = dq_acc[:, :seqlen_q] if path == "hopper" else dq_acc
+        if path == "hopper":
+            dq_pad = configs.cdiv(seqlen_q, configs.HOPPER_BWD_TILE[0]) \
+                * configs.HOPPER_BWD_TILE[0] - seqlen_q
+        dq_acc = torch.empty((batch, seqlen_q + dq_pad) + tuple(q.shape[2:]) if not is_varlen
+                             else q.shape, dtype=torch.float32, device=q.device)
+        dq = dq_acc[:, :seqlen_q] if dq_pad else dq_acc
     else:
         dq = torch.empty_like(q)
+    launch(_bwd_preprocess_kernel, (configs.cdiv(seqlen_q + dq_pad, cfg.block_m_pre),
+                            batch * num_heads),
+        out, dout, lse, di, lse2, cu_seqlens_q if is_varlen else dummy,
+        dq_acc if atomic_dq else dummy,
+        *_strides3(out, is_varlen), *_strides3(dout, is_varlen), *stride_l,
+        *(_strides3(dq_acc, is_varlen) if atomic_dq else (0, 0, 0)), seqlen_q, num_heads, dq_pad,
+        BLOCK_M=cfg.block_m_pre, ZERO_DQ=atomic_dq, num_warps=4, **common,
+    )
     flags = dict(
         IS_CAUSAL=bool(is_causal), IS_LOCAL=is_local,
         WINDOW_PER_QHEAD=is_local and window_sizes.shape[0] == num_heads
@@ -797,7 +811,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
                                    atomic_dq=atomic_dq, skip=skip if has_skip else None,
                                    lists=(list_kv, count_kv))
         else:
-            _attn_bwd_dkdv_kernel[(n_n * batch * num_kv_heads,)](
+            launch(_attn_bwd_dkdv_kernel, (n_n * batch * num_kv_heads,),
                 q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
                 dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"],
                 tensors["CU_K"], tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
@@ -815,7 +829,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
     if not atomic_dq:
-        _attn_bwd_dq_kernel[(n_m_dq * batch * num_heads,)](
+        launch(_attn_bwd_dq_kernel, (n_m_dq * batch * num_heads,),
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],
             tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"], list_q, count_q,

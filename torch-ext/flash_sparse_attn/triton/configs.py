@@ -83,7 +83,8 @@ def head_dim_pad(head_dim: int) -> int:
 def _arch_key(t) -> str:
     if t.device.type != "cuda":
         return t.device.type
-    major, minor = torch.cuda.get_device_capability(t.device)
+    major, minor = _capability(t.device.index if t.device.index is not None
+                               else torch.cuda.current_device())
     return f"sm{major}{minor}"
 
 

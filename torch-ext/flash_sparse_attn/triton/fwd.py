@@ -38,6 +38,7 @@ from . import configs
 from .common import (LN2, accumulate_tile, gate, gate_max, gate_skip_threshold, load_tile,
                      page_of, program_tile, softmax_skip_threshold, tile_count, tile_start,
                      visible, visible_count, walk_start)
+from .launch import launch
 
 
 @triton.jit
@@ -677,7 +678,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                                device=q.device)
     else:
         o_part = lse_part = lse
-    _attn_fwd_kernel[grid](
+    launch(_attn_fwd_kernel, grid,
         q, k, v, out, lse,
         alpha if alpha is not None else dummy, delta if delta is not None else dummy,
         cu_seqlens_q if is_varlen else dummy, cu_seqlens_k if is_varlen else dummy,

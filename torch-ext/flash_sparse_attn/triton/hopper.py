@@ -36,6 +36,8 @@ Caution
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -47,6 +49,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from . import configs
 from .common import (LN2, online_softmax_step, softmax_rescale, softmax_skip_threshold, visible,
                      visible_count)
+from .launch import launch
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -477,11 +480,17 @@ def _attn_fwd_hopper_kernel(
                        [4, 1], [CONSUMER_REGS, 24])
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    """The shared-memory layout of a [1, rows, 1, head_dim] TMA block (built once: its
+    construction costs more host time than the rest of a launch's descriptors)."""
+    return gl.NVMMASharedLayout.get_default_for(
+        [1, rows, 1, head_dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
 def _descriptor(t, rows, head_dim):
-    block = [1, rows, 1, head_dim]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16
-                                                  else gl.float16)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, head_dim],
+                            _smem_layout(rows, head_dim, t.dtype))
 
 
 def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, config,
@@ -497,7 +506,7 @@ def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, confi
         raise ValueError("the sparse Gluon forward takes 64-row warpgroups, 128-key tiles (two "
                          "64-key skip blocks) and a skip tensor")
     grid = (configs.cdiv(seqlen_q, config.block_m) * batch * num_heads,)
-    _attn_fwd_hopper_kernel[grid](
+    launch(_attn_fwd_hopper_kernel, grid,
         _descriptor(q, bm, head_dim), _descriptor(k, config.block_n, head_dim),
         _descriptor(v, config.block_n, head_dim), out, lse, skip if sparse else lse,
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),

@@ -51,6 +51,7 @@ from . import configs
 from .bwd import _query_ranges
 from .common import visible_2d
 from .hopper import _descriptor, _mma_layout, _tma_load
+from .launch import launch
 
 # a barrier over the calling partition's warps: Triton 3.6 `thread_barrier`, later `barrier`
 _warps_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -381,7 +382,7 @@ def launch_attn_bwd_hopper(q, k, v, dout, dq, dk, dv, lse2, di, *, softmax_scale
     has_skip = skip is not None
     lst, cnt = lists if has_skip else (lse2, lse2)
     grid = (configs.cdiv(seqlen_k, block_n) * batch * num_kv_heads,)
-    _attn_bwd_hopper_kernel[grid](
+    launch(_attn_bwd_hopper_kernel, grid,
         _descriptor(q, block_m, head_dim), _descriptor(k, block_n // 2, head_dim),
         _descriptor(v, block_n // 2, head_dim), _descriptor(dout, block_m, head_dim),
         dq if atomic_dq else dk, dk, dv, lse2, di, skip if has_skip else lse2, lst, cnt,
