@@ -77,3 +77,34 @@ def test_replay_matches_jit_launch(fsa, variant, monkeypatch):
         monkeypatch.undo()
         for a, r, p in zip(first, replay, plain):
             assert torch.equal(a, p) and torch.equal(r, p)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="compiles for the GPU")
+def test_backward_compiled_ahead(fsa):
+    """The first forward with autograd of a configuration compiles its backward's kernels on
+    a background thread (ops._compile_ahead) without an error, and the backward that follows
+    gives the same bits as the second one's."""
+    ops = importlib.import_module(f"{fsa.__name__}.ops")
+    ops._AHEAD_SEEN.clear()  # configurations earlier tests ran count as new again
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for d in (64, 80):  # the Gluon backward's head dim and one of the portable backward
+        b, s, h, hkv = 1, 128, 4, 2  # one key tile: the atomic dQ adds in one order
+        q, k, v = (torch.randn(b, s, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+                   for n in (h, hkv, hkv))
+        alpha = torch.randn(b, h, s, device="cuda", generator=g).bfloat16()
+        delta = torch.randn(b, hkv, s, device="cuda", generator=g).bfloat16()
+        dout = torch.randn_like(q)
+        calls = [lambda *t: fsa.flash_dense_attn_func(*t, is_causal=True),
+                 lambda *t: fsa.flash_sparse_attn_func(*t, is_causal=False),
+                 lambda *t: fsa.flash_gated_attn_func(*t, alpha, delta, is_causal=True)]
+        for fn in calls:
+            seen = len(ops._AHEAD_SEEN)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves)
+            assert len(ops._AHEAD_SEEN) == seen + 1  # a new configuration: compiled ahead
+            ops._await_ahead()
+            assert ops._AHEAD_ERRORS == []
+            first = torch.autograd.grad(out, leaves, dout)
+            again = torch.autograd.grad(fn(*leaves), leaves, dout)
+            for a, b_ in zip(first, again):
+                assert torch.equal(a, b_)

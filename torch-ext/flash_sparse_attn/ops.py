@@ -29,6 +29,7 @@ bits (tests/test_ops.py).
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from typing import Optional
 
@@ -339,7 +340,56 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse, dskip):
         if dout is None:
             return (None,) * 13
+        if _AHEAD_RUNNING:
+            _await_ahead()
         return _fwd_grads(ctx, dout, _bwd_impl) + (None,) * 8
+
+
+_AHEAD_SEEN: set = set()  # configurations whose backward was compiled ahead (or tried)
+_AHEAD_RUNNING: list = []  # threads still compiling
+_AHEAD_ERRORS: list = []  # (key, exception) of compiles that failed (tests read it)
+_AHEAD_ENABLED = os.environ.get("FSA_COMPILE_AHEAD", "1") != "0"
+
+
+def _compile_ahead(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                   window_sizes, max_seqlens, floats, flags):
+    """The first forward with autograd of a configuration on a GPU starts compiling its
+    backward's kernels on a background thread, so that they compile while the forward's own
+    kernel compiles and runs (Triton's compiler releases the GIL) instead of after it. The
+    thread runs the backward's launch code on stand-in outputs with every launch compile-only
+    (`launch.compile_only`); the backward waits for it (`_await_ahead`). Failures are
+    ignored: the backward then compiles as it always did. FSA_COMPILE_AHEAD=0 turns it off."""
+    key = (q.device, q.dtype, q.shape[-1], q.dim(), alpha is None, window_sizes is None,
+           seqused_k is None, floats[1] > 0, floats[2] != 0, tuple(flags))
+    if key in _AHEAD_SEEN:
+        return
+    _AHEAD_SEEN.add(key)
+
+    def work():
+        try:
+            from .triton.configs import skip_shape
+            from .triton.launch import compile_only
+
+            with torch.cuda.device(q.device), compile_only():
+                out = torch.empty_like(q)
+                lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+                skip = q.new_zeros(skip_shape(q, k, cu_seqlens_q, max_seqlens[0], max_seqlens[1],
+                                              floats[1] > 0 or alpha is not None),
+                                   dtype=torch.uint8)
+                _bwd_impl(out, q, k, v, out, lse, skip, alpha, delta, cu_seqlens_q,
+                          cu_seqlens_k, seqused_k, window_sizes, max_seqlens, floats, flags)
+        except Exception as e:  # noqa: BLE001 - the backward compiles on its own then
+            _AHEAD_ERRORS.append((key, e))
+
+    thread = threading.Thread(target=work, name="fsa-compile-ahead", daemon=True)
+    _AHEAD_RUNNING.append(thread)
+    thread.start()
+
+
+def _await_ahead():
+    """Wait for the backward compiles that `_compile_ahead` started."""
+    while _AHEAD_RUNNING:
+        _AHEAD_RUNNING.pop().join()
 
 
 def attention(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
@@ -352,6 +402,9 @@ def attention(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k, page
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (alpha is not None and alpha.requires_grad)
                                         or (delta is not None and delta.requires_grad)):
+            if _AHEAD_ENABLED and q.is_cuda and page_table is None:
+                _compile_ahead(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                               window_sizes, max_seqlens, floats, flags)
             return _EagerAttention.apply(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k,
                                          seqused_k, page_table, window_sizes, max_seqlens,
                                          floats, flags)

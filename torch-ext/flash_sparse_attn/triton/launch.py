@@ -20,6 +20,8 @@ Off (plain `kernel[grid](...)`) under the interpreter, while Triton launch hooks
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -76,9 +78,29 @@ def _entry(fn, compiled, n_args, meta):
     return compiled.run, compiled.function, compiled.packed_metadata, tuple(tail)
 
 
+_LOCAL = threading.local()  # compile_only
+
+
+@contextmanager
+def compile_only():
+    """Within this context (on this thread) `launch` compiles the kernel a launch would run,
+    and loads it, without running it (ops.py compiles a backward ahead of its first use)."""
+    _LOCAL.compile_only = True
+    try:
+        yield
+    finally:
+        _LOCAL.compile_only = False
+
+
 def launch(fn, grid, *args, **meta):
     """`fn[grid](*args, **meta)` (grid: a tuple of up to three ints), replaying the compiled
     kernel of an earlier launch with the same key."""
+    if getattr(_LOCAL, "compile_only", False):
+        compiled = fn.warmup(*args, grid=grid, **meta)
+        init = getattr(compiled, "_init_handles", None)
+        if init is not None:  # builds Triton's launcher and loads the module
+            init()
+        return
     if not _ENABLED or not _hooks_idle():
         fn[grid](*args, **meta)
         return
