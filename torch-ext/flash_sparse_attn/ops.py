@@ -364,6 +364,8 @@ def _compile_ahead(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
     if key in _AHEAD_SEEN:
         return
     _AHEAD_SEEN.add(key)
+    if torch.cuda.is_current_stream_capturing():  # no CUDA work from other threads then
+        return
 
     def work():
         try:
@@ -373,7 +375,7 @@ def _compile_ahead(q, k, v, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
             with torch.cuda.device(q.device), compile_only():
                 out = torch.empty_like(q)
                 lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
-                skip = q.new_zeros(skip_shape(q, k, cu_seqlens_q, max_seqlens[0], max_seqlens[1],
+                skip = q.new_empty(skip_shape(q, k, cu_seqlens_q, max_seqlens[0], max_seqlens[1],
                                               floats[1] > 0 or alpha is not None),
                                    dtype=torch.uint8)
                 _bwd_impl(out, q, k, v, out, lse, skip, alpha, delta, cu_seqlens_q,

@@ -37,7 +37,7 @@ from . import configs
 from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
                      walk_range, walk_start)
 from .fwd import _key_ranges, _mask_stages, _strides3
-from .launch import launch
+from .launch import compiling, launch
 
 
 @triton.jit
@@ -845,7 +845,7 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         )
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
-    if atomic_dq:
+    if atomic_dq and not compiling():
         dq = dq.to(q.dtype)
         if has_gate:
             dalpha = dalpha.to(alpha.dtype)

@@ -92,6 +92,12 @@ def compile_only():
         _LOCAL.compile_only = False
 
 
+def compiling() -> bool:
+    """Inside `compile_only` on this thread (launch code skips its torch work after the
+    kernels then)."""
+    return getattr(_LOCAL, "compile_only", False)
+
+
 def launch(fn, grid, *args, **meta):
     """`fn[grid](*args, **meta)` (grid: a tuple of up to three ints), replaying the compiled
     kernel of an earlier launch with the same key."""
