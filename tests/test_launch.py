@@ -42,6 +42,26 @@ def test_key_of_a_tma_descriptor(fsa):
     assert key(a) != key(TensorDescriptor(u, list(u.shape), list(u.stride()), [1, 16, 32]))
 
 
+def test_launch_hooks_turn_replay_off(fsa):
+    """A Triton launch hook (what profilers such as proton install) sends every launch
+    through Triton's own path, which gives hooks their metadata; removing it turns replay
+    back on."""
+    from triton import knobs
+
+    lc = _launch(fsa)
+    assert lc._hooks_idle()
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert not lc._hooks_idle()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert lc._hooks_idle()
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="replays compiled kernels: needs a CUDA GPU")
 @pytest.mark.parametrize("variant", ["dense", "sparse", "gated"])
 def test_replay_matches_jit_launch(fsa, variant, monkeypatch):
