@@ -18,7 +18,7 @@ import pytest
 
 
 I32_PTRS = {"CU_Q", "CU_K", "SEQUSED_K", "WINDOWS", "PAGE_TABLE", "GATHER", "COUNT"}
-F32_PTRS = {"LSE", "LSE2", "DI", "DQ", "DALPHA", "O_PART", "LSE_PART"}
+F32_PTRS = {"LSE", "LSE2", "DI", "DQ", "DQ_ACC", "DALPHA", "O_PART", "LSE_PART"}
 FLOATS = {"scale", "scale_log2", "softmax_threshold", "gate_threshold"}
 INT_SCALARS = {"H", "HKV", "GROUP"}  # upper-case names that are not pointers
 
@@ -117,8 +117,10 @@ def compile_all(pkg):
                                 ("dq", bwd._attn_bwd_dq_kernel, {})):
             k = _compile(fn, {**base, **extra})
             lines.append(f"bwd-{name} {sorted(flags)} wgmma={'wgmma.mma_async' in k.asm['ptx']}")
-    _compile(bwd._bwd_preprocess_kernel,
-             dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64, IS_VARLEN=False), num_warps=4)
+    for zero_dq in (False, True):  # True: also zeroes the atomic dQ's fp32 accumulator
+        _compile(bwd._bwd_preprocess_kernel,
+                 dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_M=64, IS_VARLEN=False,
+                      ZERO_DQ=zero_dq), num_warps=4)
     lines.append("bwd-preprocess ok")
     for flags in (dict(), dict(IS_PAGED=True, IS_GATHER=True),
                   dict(IS_LOCAL=True, HAS_GATE=True, IS_SPLIT=True),
