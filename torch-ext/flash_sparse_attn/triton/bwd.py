@@ -697,7 +697,8 @@ def _kept_tile_lists(skip, skip_m, block_m, block_n, n_m, n_n, by_key):
     if lists.numel() == 0:
         return lists, counts.zero_()
     chunk = min(1024, max(16, configs.next_pow2(n_inner)))
-    launch(_kept_tiles_kernel, (batch * heads * n_outer,),
+    launch(
+        _kept_tiles_kernel, (batch * heads * n_outer,),
         skip, lists, counts, *skip.stride(), n_outer, n_inner, n_kb, heads,
         BLOCK_M=block_m, BLOCK_N=block_n, SKIP_M=skip_m,
         SKIP_N=configs.SKIP_BLOCK_N, BY_KEY=by_key, CHUNK=chunk, num_warps=4,
@@ -758,8 +759,9 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         dq = dq_acc[:, :seqlen_q] if dq_pad else dq_acc
     else:
         dq = torch.empty_like(q)
-    launch(_bwd_preprocess_kernel, (configs.cdiv(seqlen_q + dq_pad, cfg.block_m_pre),
-                            batch * num_heads),
+    launch(
+        _bwd_preprocess_kernel,
+        (configs.cdiv(seqlen_q + dq_pad, cfg.block_m_pre), batch * num_heads),
         out, dout, lse, di, lse2, cu_seqlens_q if is_varlen else dummy,
         dq_acc if atomic_dq else dummy,
         *_strides3(out, is_varlen), *_strides3(dout, is_varlen), *stride_l,
@@ -811,7 +813,8 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
                                    atomic_dq=atomic_dq, skip=skip if has_skip else None,
                                    lists=(list_kv, count_kv))
         else:
-            launch(_attn_bwd_dkdv_kernel, (n_n * batch * num_kv_heads,),
+            launch(
+                _attn_bwd_dkdv_kernel, (n_n * batch * num_kv_heads,),
                 q, k, v, dout, dq, dk, dv, lse2, di, tensors["ALPHA"], tensors["DELTA"],
                 dalpha if has_gate else dummy, ddelta if has_gate else dummy, tensors["CU_Q"],
                 tensors["CU_K"], tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"],
@@ -829,7 +832,8 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )
     if not atomic_dq:
-        launch(_attn_bwd_dq_kernel, (n_m_dq * batch * num_heads,),
+        launch(
+            _attn_bwd_dq_kernel, (n_m_dq * batch * num_heads,),
             q, k, v, dout, dq, lse2, di, tensors["ALPHA"], tensors["DELTA"],
             dalpha if has_gate else dummy, tensors["CU_Q"], tensors["CU_K"],
             tensors["SEQUSED_K"], tensors["WINDOWS"], tensors["SKIP"], list_q, count_q,

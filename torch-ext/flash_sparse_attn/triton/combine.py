@@ -68,7 +68,8 @@ def launch_combine(o_part, lse_part, out, lse) -> None:
     head_dim_pad = max(16, configs.next_pow2(head_dim))
     splits_pad = max(16, configs.next_pow2(num_splits))
     block_s = min(splits_pad, max(1, 4096 // head_dim_pad))
-    launch(_combine_kernel, (batch * num_heads,),
+    launch(
+        _combine_kernel, (batch * num_heads,),
         o_part, lse_part, out, lse,
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         num_heads, num_splits,

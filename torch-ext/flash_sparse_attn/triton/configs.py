@@ -83,8 +83,7 @@ def head_dim_pad(head_dim: int) -> int:
 def _arch_key(t) -> str:
     if t.device.type != "cuda":
         return t.device.type
-    major, minor = _capability(t.device.index if t.device.index is not None
-                               else torch.cuda.current_device())
+    major, minor = _capability(t.device)
     return f"sm{major}{minor}"
 
 
@@ -105,8 +104,14 @@ _FWD_PATH = [None]  # fwd_path_override
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple:
+def _capability_of(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA device, looked up once per device."""
+    return _capability_of(device.index if device.index is not None
+                          else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,8 +169,7 @@ def fwd_path(q, k, v, hopper_covers: bool = False, sparse: bool = False) -> str:
       views."""
     forced = _FWD_PATH[0]
     if (q.device.type != "cuda" or interpreting() or forced == "portable"
-            or _capability(q.device.index if q.device.index is not None
-                           else torch.cuda.current_device())[0] != 9
+            or _capability(q.device)[0] != 9
             or not (_tma_ready(k) and _tma_ready(v))
             or not _has_module("triton.tools.tensor_descriptor")):
         return "portable"
@@ -188,8 +192,7 @@ def bwd_path(q, k, v, dout, hopper_covers: bool = False) -> str:
     if (hopper_covers and forced in (None, "hopper") and q.device.type == "cuda"
             and not interpreting() and q.shape[-1] in HOPPER_BWD_DQ
             and q.dtype in (torch.bfloat16, torch.float16)
-            and _capability(q.device.index if q.device.index is not None
-                            else torch.cuda.current_device())[0] == 9
+            and _capability(q.device)[0] == 9
             and all(_tma_ready(t) for t in (q, k, v, dout))
             and _has_module("triton.experimental.gluon.language.nvidia.hopper")):
         return "hopper"

@@ -161,7 +161,8 @@ def launch_kv_append(k_cache, v_cache, delta_cache, k_new, v_new, delta_new, pag
                                                                    cu_seqlens_k)
     has_delta = delta_cache is not None and delta_new is not None
     dummy = k_cache
-    launch(_kv_append_kernel, (batch * kv_heads,),
+    launch(
+        _kv_append_kernel, (batch * kv_heads,),
         k_cache, v_cache, delta_cache if has_delta else dummy, k_new, v_new,
         delta_new if has_delta else dummy, page_table if is_paged else dummy,
         cu_seqlens_k if is_packed else dummy, seqused_k,
@@ -591,7 +592,8 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
     window_per_qhead = is_local and window_sizes.shape[0] == num_heads and group > 1
     dummy = q  # placeholder pointer for absent optional tensors (never dereferenced)
     grid = (batch * num_kv_heads * m_chunks, num_splits)
-    launch(_attn_decode_kernel, grid,
+    launch(
+        _attn_decode_kernel, grid,
         q, k_cache, v_cache, out, lse, o_part, lse_part,
         alpha if alpha is not None else dummy,
         delta_cache if alpha is not None else dummy,

@@ -678,7 +678,8 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                                device=q.device)
     else:
         o_part = lse_part = lse
-    launch(_attn_fwd_kernel, grid,
+    launch(
+        _attn_fwd_kernel, grid,
         q, k, v, out, lse,
         alpha if alpha is not None else dummy, delta if delta is not None else dummy,
         cu_seqlens_q if is_varlen else dummy, cu_seqlens_k if is_varlen else dummy,

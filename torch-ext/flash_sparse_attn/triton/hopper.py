@@ -506,7 +506,8 @@ def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, confi
         raise ValueError("the sparse Gluon forward takes 64-row warpgroups, 128-key tiles (two "
                          "64-key skip blocks) and a skip tensor")
     grid = (configs.cdiv(seqlen_q, config.block_m) * batch * num_heads,)
-    launch(_attn_fwd_hopper_kernel, grid,
+    launch(
+        _attn_fwd_hopper_kernel, grid,
         _descriptor(q, bm, head_dim), _descriptor(k, config.block_n, head_dim),
         _descriptor(v, config.block_n, head_dim), out, lse, skip if sparse else lse,
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),

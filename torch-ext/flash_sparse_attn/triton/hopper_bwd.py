@@ -382,7 +382,8 @@ def launch_attn_bwd_hopper(q, k, v, dout, dq, dk, dv, lse2, di, *, softmax_scale
     has_skip = skip is not None
     lst, cnt = lists if has_skip else (lse2, lse2)
     grid = (configs.cdiv(seqlen_k, block_n) * batch * num_kv_heads,)
-    launch(_attn_bwd_hopper_kernel, grid,
+    launch(
+        _attn_bwd_hopper_kernel, grid,
         _descriptor(q, block_m, head_dim), _descriptor(k, block_n // 2, head_dim),
         _descriptor(v, block_n // 2, head_dim), _descriptor(dout, block_m, head_dim),
         dq if atomic_dq else dk, dk, dv, lse2, di, skip if has_skip else lse2, lst, cnt,

@@ -101,7 +101,7 @@ def compiling() -> bool:
 def launch(fn, grid, *args, **meta):
     """`fn[grid](*args, **meta)` (grid: a tuple of up to three ints), replaying the compiled
     kernel of an earlier launch with the same key."""
-    if getattr(_LOCAL, "compile_only", False):
+    if compiling():
         compiled = fn.warmup(*args, grid=grid, **meta)
         init = getattr(compiled, "_init_handles", None)
         if init is not None:  # builds Triton's launcher and loads the module
@@ -110,6 +110,7 @@ def launch(fn, grid, *args, **meta):
     if not _ENABLED or not _hooks_idle():
         fn[grid](*args, **meta)
         return
+    key = None
     if _DRIVER:
         device = _DRIVER[0][0]()
         key = (fn, device, tuple(map(_arg_key, args)), tuple(meta.items()))
@@ -124,11 +125,11 @@ def launch(fn, grid, *args, **meta):
     entry = _entry(fn, compiled, len(args), meta) if compiled is not None else None
     if entry is None:
         return
-    if not _DRIVER:
+    if key is None:  # the first replayable launch of the process
         from triton.runtime import driver
 
         _DRIVER.append((driver.active.get_current_device, driver.active.get_current_stream))
-    key = (fn, _DRIVER[0][0](), tuple(map(_arg_key, args)), tuple(meta.items()))
+        key = (fn, _DRIVER[0][0](), tuple(map(_arg_key, args)), tuple(meta.items()))
     if len(_CACHE) >= _CACHE_SIZE:
         _CACHE.clear()
     _CACHE[key] = entry
