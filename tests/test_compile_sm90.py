@@ -167,19 +167,32 @@ def _desc(rows, d):
     return f"tensordesc<bf16[1, {rows}, 1, {d}],{lay!r}>"
 
 
+def _row_desc(n):
+    from triton.experimental.gluon import language as gl
+
+    lay = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=3)
+    return f"tensordesc<bf16[1, 1, {n}],{lay!r}>"
+
+
 def compile_hopper(pkg):
-    """The Gluon forward (triton/hopper.py): dense at both head dims it runs, and sparse."""
+    """The Gluon forward (triton/hopper.py): dense at the head dims it runs, sparse, and gated
+    (logsigmoid and linear)."""
     fn = importlib.import_module(f"{pkg}.triton.hopper")._attn_fwd_hopper_kernel
     lines = []
-    for d, causal, sparse in ((128, True, False), (64, False, False), (128, True, True)):
-        sig = dict(q_desc=_desc(64, d), k_desc=_desc(128, d), v_desc=_desc(128, d), O="*bf16",
-                   LSE="*fp32", SKIP="*u8", scale_log2="fp32", softmax_threshold="fp32")
-        consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=causal, SPARSE=sparse,
+    for d, bn, causal, sparse, gate in ((128, 128, True, False, None), (64, 128, False, False, None),
+                                        (256, 64, True, False, None), (128, 128, True, True, None),
+                                        (128, 128, True, False, "logsigmoid"),
+                                        (256, 64, False, False, "linear")):
+        sig = dict(q_desc=_desc(64, d), k_desc=_desc(bn, d), v_desc=_desc(bn, d),
+                   d_desc=_row_desc(bn) if gate else _desc(bn, d), O="*bf16", LSE="*fp32",
+                   SKIP="*u8", ALPHA="*bf16", scale_log2="fp32", softmax_threshold="fp32")
+        consts = dict(BLOCK_M=64, BLOCK_N=bn, STAGES=2, IS_CAUSAL=causal, SPARSE=sparse,
+                      HAS_GATE=gate is not None, IS_LOGSIGMOID=gate == "logsigmoid",
                       CONSUMER_REGS=232 if sparse else 240)  # as the launch sets them
         k = _gluon_sm90(fn, sig, consts)
         ptx = k.asm["ptx"]
-        lines.append(f"hopper d{d} causal={causal} sparse={sparse} setmaxnreg={'setmaxnreg' in ptx} "
-                     f"wgmma={'wgmma.mma_async' in ptx} tma={'cp.async.bulk.tensor' in ptx} "
+        assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
+        lines.append(f"hopper d{d} causal={causal} sparse={sparse} gate={gate} "
                      f"warps={k.metadata.num_warps}")
     return lines
 
@@ -240,8 +253,7 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     assert sum("decode" in x for x in lines) == 4 and "combine ok" in lines, lines
     hopper = [x for x in lines if x.startswith("hopper ")]
     assert sum(x.startswith("hopper_bwd") and x.endswith(" ok") for x in lines) == 4, lines
-    assert len(hopper) == 3 and all("setmaxnreg=True" in x and "tma=True" in x and
-                                    x.endswith("warps=12") for x in hopper), hopper
+    assert len(hopper) == 6 and all(x.endswith("warps=12") for x in hopper), hopper
 
 
 def test_hot_kernels_keep_their_state_in_registers():

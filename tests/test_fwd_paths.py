@@ -1,6 +1,6 @@
 """The forward's kernel paths (SPEC §5.2, `configs.fwd_path`): on an sm_90 GPU in bf16, the TMA path
-(K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`, dense and
-sparse)
+(K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`, dense,
+sparse and gated)
 against float64 and against the portable path on the shapes that hurt; and the dispatch rule
 itself, which CI checks on the CPU.
 
@@ -93,7 +93,8 @@ def _check_path(fsa, path, b, sq, sk, h, hkv, d, causal, win, t, gated, local, s
         dl[:, 64:256] -= 120.0
         delta = dl.to(dev, dt).transpose(1, 2)
     windows = None if win is None else torch.tensor([win] * hkv, dtype=torch.int32, device=dev)
-    assert configs.fwd_path(q, k, v, hopper_covers=path == "hopper", sparse=t > 0) == path
+    assert configs.fwd_path(q, k, v, hopper_covers=path == "hopper",
+                            variant="gated" if gated else "sparse" if t > 0 else "dense") == path
     kw = dict(alpha=alpha, delta=delta, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
               window_sizes=windows, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=d ** -0.5,
               is_causal=causal, softmax_threshold=t, gate_threshold=-1.0 if gated else 0.0,
@@ -179,6 +180,9 @@ HOPPER_CASES = [
     (1, 4097, 4097, 4, 1, 128, True, False),
     (2, 4097, 1000, 4, 4, 64, False, False),
     (1, 2048, 2048, 8, 2, 128, True, True),
+    (1, 1000, 65, 4, 2, 256, True, False),  # D=256: 64-key tiles
+    (1, 4097, 4097, 4, 1, 256, True, True),
+    (2, 1000, 3000, 4, 4, 256, False, False),
 ]
 
 
@@ -220,6 +224,65 @@ def test_hopper_path_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, strided)
         torch.testing.assert_close(o_pub, out, rtol=0, atol=0)
     assert (out.double() - o_port.double()).abs().max().item() <= \
         2 * (lowp.double() - ref_out).abs().max().item() + 1e-5
+
+
+GATED_HOPPER_CASES = [
+    # b, sq, sk, h, hkv, d, causal, logsigmoid gate, alpha/delta as transposed views
+    (1, 65, 1000, 4, 2, 128, True, True, True),  # Sq < Sk
+    (1, 1000, 65, 4, 2, 128, True, True, False),  # Sq > Sk: first rows see nothing
+    (2, 1000, 1000, 8, 2, 64, False, False, True),  # linear gate
+    (1, 4097, 4097, 4, 1, 128, True, True, False),
+    (1, 2048, 2048, 8, 2, 256, True, True, True),
+    (1, 1000, 3000, 4, 4, 256, False, False, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the Gluon path is the sm_90 path")
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,logsig,strided", GATED_HOPPER_CASES)
+def test_hopper_gated_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, logsig, strided):
+    """The Gluon kernel's gated forward (SPEC §6, no block test: gate_threshold 0; alpha by
+    pointer loads, delta by TMA or through an aligned copy) against float64, the portable
+    path within the rounding rule, and the public function where the dispatch takes it."""
+    fwd, configs, ref = _mods(fsa)
+    g = torch.Generator().manual_seed(sq + 5 * d + int(logsig))
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (x.to(dev, dt) for x in draw_qkv(b, sq, sk, h, hkv, d, False, g))
+    a = 1 + torch.rand(b, sq, h, generator=g)
+    dl = 2 * torch.randn(b, sk, hkv, generator=g)
+    if logsig:
+        dl[:, 64:256] -= 30.0  # closed keys: the gate, not the scores, decides there
+    if strided:
+        alpha, delta = a.to(dev, dt).transpose(1, 2), dl.to(dev, dt).transpose(1, 2)
+    else:
+        alpha = a.transpose(1, 2).contiguous().to(dev, dt)
+        delta = dl.transpose(1, 2).contiguous().to(dev, dt)
+    variant = "gated" if logsig else "gated_linear"
+    dispatched = configs.fwd_path(q, k, v, hopper_covers=True, variant=variant)
+    assert dispatched == ("hopper" if d in configs.HOPPER_HEAD_DIMS[variant] else "tma")
+    kw = dict(alpha=alpha, delta=delta, cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None,
+              window_sizes=None, max_seqlen_q=sq, max_seqlen_k=sk, softmax_scale=d ** -0.5,
+              is_causal=causal, softmax_threshold=0.0, gate_threshold=0.0,
+              is_logsigmoid_gate=logsig, is_adapt_gate=False, deterministic=False)
+    out, lse, skip = fwd.launch_attn_fwd(q, k, v, path="hopper", **kw)
+    out_p, _, _ = fwd.launch_attn_fwd(q, k, v, path="portable", **kw)
+    d64 = {n: x.double() for n, x in dict(q=q, k=k, v=v, alpha=alpha, delta=delta).items()}
+    ref_out, ref_lse = ref.attention_forward(
+        d64["q"], d64["k"], d64["v"], alpha=d64["alpha"], delta=d64["delta"],
+        softmax_scale=d ** -0.5, is_causal=causal, is_logsigmoid_gate=logsig)
+    mask = visible_mask(sq, sk, causal, None, h, dev)
+    lowp = torch_lowp_attention(q, k, v, d ** -0.5, mask, alpha, delta, logsig)
+    assert_close_rule("out", out, ref_out, lowp)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and not torch.isnan(lse).any()
+    if finite.any():
+        assert (lse.double() - ref_lse)[finite].abs().max().item() < 2e-2
+    assert (out.double() - out_p.double()).abs().max().item() <= \
+        2 * (lowp.double() - ref_out).abs().max().item() + 1e-5
+    if dispatched == "hopper":  # the public function takes this path: the same bits
+        o_pub = fsa.flash_gated_attn_func(q, k, v, alpha, delta, is_causal=causal,
+                                          gate_threshold=0.0, is_logsigmoid_gate=logsig)
+        torch.testing.assert_close(o_pub, out, rtol=0, atol=0)
 
 
 def test_fwd_path_dispatch(fsa):

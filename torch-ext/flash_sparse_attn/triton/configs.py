@@ -126,8 +126,14 @@ def _has_module(name: str) -> bool:
 
 
 FWD_PATHS = ("hopper", "tma", "portable")
-# the head dims fwd_path sends to the "hopper" path, dense and sparse
-HOPPER_HEAD_DIMS = {"dense": (64, 128), "sparse": (128,)}
+# the head dims fwd_path sends to the "hopper" path: dense, sparse (softmax_threshold) and
+# gated without gate sparsity or softmax_threshold, with the logsigmoid or the linear gate.
+# Measured (H200, bf16, causal, H=32, Hkv=8, 16k; Gluon vs TMA path, dense Gluon in brackets):
+# dense D=256 6.88 vs 8.02 ms (cuDNN 6.73); logsigmoid gate D=128 6.66 vs 5.92 [3.71]: the
+# gate's exp2 and polynomial leave Gluon's softmax the bottleneck, so D=128 stays on "tma";
+# D=256 8.98 vs 9.25 [6.88]; linear gate D=128 3.89 [3.71], D=256 7.48 [6.88]
+HOPPER_HEAD_DIMS = {"dense": (64, 128, 256), "sparse": (128,), "gated": (256,),
+                    "gated_linear": (128, 256)}
 # the backward's "hopper" path (triton/hopper_bwd.py): its tile (query rows, keys: two
 # consumer warpgroups of 64 keys, each one skip block), and per head dim how dQ is made:
 # "atomic", by the kernel's dQ warpgroup (5 matmuls per tile pair), or "pass", by bwd.py's
@@ -154,12 +160,13 @@ def fwd_path_override(path: str | None):
         _FWD_PATH[0] = old
 
 
-def fwd_path(q, k, v, hopper_covers: bool = False, sparse: bool = False) -> str:
+def fwd_path(q, k, v, hopper_covers: bool = False, variant: str = "dense") -> str:
     """The forward's kernel path, the one place it is chosen, on Hopper (sm_90) when TMA can
     address the tensors:
     - "hopper": `triton/hopper.py`, the warp-specialised Gluon kernel, for the calls it covers
-      (`hopper_covers`: batched, no gate, window or seqused_k; dense, or `sparse` (SPEC §5))
-      at the head dims of HOPPER_HEAD_DIMS. Measured against "tma" (H200, causal, H=32,
+      (`hopper_covers`: batched, no window or seqused_k; `variant` "dense", "sparse" (SPEC §5)
+      or "gated" / "gated_linear" (SPEC §6 with no block test)) at the head dims of
+      HOPPER_HEAD_DIMS. Measured against "tma" (H200, causal, H=32,
       Hkv=8): dense D=128 16k 3.75 vs 4.42 ms (cuDNN 3.86), 4k 0.286 vs 0.348 (cuDNN 0.274);
       D=64 16k 2.57 vs 2.72 (cuDNN 2.43), 4k 0.212 vs 0.245 (cuDNN 0.182); sparse t=1 at 16k
       D=128: LLM-like 3.30 vs 3.66, mixed 3.96 vs 4.58, random 4.83 vs 5.74. Sparse D=64 was
@@ -173,7 +180,7 @@ def fwd_path(q, k, v, hopper_covers: bool = False, sparse: bool = False) -> str:
             or not (_tma_ready(k) and _tma_ready(v))
             or not _has_module("triton.tools.tensor_descriptor")):
         return "portable"
-    dims = HOPPER_HEAD_DIMS["sparse" if sparse else "dense"]
+    dims = HOPPER_HEAD_DIMS[variant]
     if (hopper_covers and forced in (None, "hopper") and q.shape[-1] in dims and _tma_ready(q)
             and q.dtype in (torch.bfloat16, torch.float16)
             and _has_module("triton.experimental.gluon.language.nvidia.hopper")):

@@ -640,17 +640,21 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     # goes to the Gluon kernel, whose shapes are its own (configs.hopper_config)
     if paged:
         path = "portable"
+    gated = alpha is not None
     path = path or configs.fwd_path(
         q, k, v, hopper_covers=config is None and not (num_splits or 0) > 1 and not (
-            is_varlen or alpha is not None or window_sizes is not None
-            or seqused_k is not None), sparse=has_threshold)
+            is_varlen or (gated and (gate_skip or has_threshold)) or window_sizes is not None
+            or seqused_k is not None),
+        variant=("gated" if is_logsigmoid_gate else "gated_linear") if gated
+        else "sparse" if has_threshold else "dense")
     if path == "hopper":
         from .hopper import launch_attn_fwd_hopper
 
         launch_attn_fwd_hopper(q, k, v, out, lse, softmax_scale=softmax_scale,
                                is_causal=is_causal, config=configs.hopper_config(q, head_dim),
                                softmax_threshold=softmax_threshold if has_threshold else 0.0,
-                               skip=skip if has_threshold else None)
+                               skip=skip if has_threshold else None, alpha=alpha, delta=delta,
+                               is_logsigmoid_gate=is_logsigmoid_gate)
         return out, lse, skip
     use_tma = path == "tma"
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,

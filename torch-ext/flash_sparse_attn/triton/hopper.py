@@ -1,4 +1,5 @@
-"""Hopper (sm_90) forward, warp-specialised, written in Gluon: dense and sparse (SPEC §5).
+"""Hopper (sm_90) forward, warp-specialised, written in Gluon: dense, sparse (SPEC §5) and gated
+(SPEC §6) without block tests.
 
 Notation
 - A CTA owns 2 * BLOCK_M query rows of one (batch, query head): two consumer warpgroups of
@@ -22,12 +23,18 @@ Notation
   (`common.visible`, `common.visible_count`, `common.online_softmax_step`), called from Gluon:
   one copy of each.
 
+- Gated (`HAS_GATE`, dense loop only): each warpgroup loads its rows' alpha once; the producer
+  loads each key tile's delta by TMA with its K (`k_ready` counts both), and the consumer reads
+  it from shared memory after the tile's Q.K^T (`_tile_delta` says why not earlier); the gate is
+  `common.gate`, the portable kernel's.
+
 Caution
-- Batched attention only (no gate, window, varlen or seqused_k), head dims 64 and 128 (a power
-  of two up to 128: the accumulator is one register tile per warpgroup); `configs.fwd_path`
-  sends it dense D=64/128 and sparse D=128 (`HOPPER_HEAD_DIMS`) and everything else to the
-  TMA path of `fwd.py`. Sparse needs BLOCK_M = 64 and BLOCK_N = 128 (two skip blocks); its
-  tiles run one after the other in a warpgroup (`_sparse_phase` says why).
+- Batched attention only (no window, varlen or seqused_k; gated only with gate_threshold 0 and
+  no softmax_threshold), head dims 64, 128 and 256 (powers of two: the accumulator is one
+  register tile per warpgroup; D=256 with 64-key tiles); `configs.fwd_path` chooses which
+  calls come here (`HOPPER_HEAD_DIMS`) and sends everything else to the TMA path of `fwd.py`.
+  Sparse needs BLOCK_M = 64 and BLOCK_N = 128 (two skip blocks); its tiles run one after the
+  other in a warpgroup (`_sparse_phase` says why).
 - Q/K/V rows past the tensors' ends read as zeros (TMA); rows past Sq are not stored.
 - A row with no visible key (Sq > Sk, causal) gets out 0 and lse -inf, as in `fwd.py`.
 - Sparse revisits the anchor tiles in phase 2 (their Q.K^T twice): about two tiles per CTA.
@@ -47,8 +54,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import configs
-from .common import (LN2, online_softmax_step, softmax_rescale, softmax_skip_threshold, visible,
-                     visible_count)
+from .common import (LN2, gate, online_softmax_step, softmax_rescale, softmax_skip_threshold,
+                     visible, visible_count)
 from .launch import launch
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -116,8 +123,8 @@ def _phase1_tile(i, t_lo):
 
 
 @gluon.jit
-def _producer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr):
+def _producer(args, gates, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HAS_GATE: gl.constexpr):
     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
      b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls,
      scale_log2, p_skip, stride_sm, softmax_threshold) = args
@@ -130,7 +137,12 @@ def _producer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.con
         s = i % STAGES
         phase = (i // STAGES) & 1
         mbarrier.wait(k_empty.index(s), phase ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        if HAS_GATE:  # the tile's delta with its K
+            d_desc, d_smem = gates[2], gates[3]
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes + d_desc.block_type.nbytes)
+            _tma_load(d_desc, [b, hk, j * BLOCK_N], k_ready.index(s), d_smem.index(s))
+        else:
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         _tma_load(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(s), k_smem.index(s))
         # V with every K: loading it only for the tiles a warpgroup keeps (the producer
         # waiting for both warpgroups' decisions) measured slower (H200, 16k, t=1: LLM-like
@@ -169,12 +181,32 @@ def _finish_scores(b_s, k_empty, i, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _tile_delta(gates, i, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_GATE: gl.constexpr):
+    """delta of stream position i's keys (fp32; TMA reads 0 past seqlen_k, where keys are
+    masked), in the layout of a score tile's columns, from the shared-memory ring the
+    producer fills with K (`k_ready`); read after the tile's Q.K^T is done and before its
+    K buffer goes back. Held in registers from the top of the iteration instead (a global
+    load), the 32 values per thread left the gate math too few registers (H200, 16k causal
+    D=128: 10.7 ms against 3.6 dense). Without a gate a placeholder that nothing reads."""
+    col: gl.constexpr = gl.SliceLayout(0, _mma_layout(BLOCK_N))
+    if HAS_GATE:
+        return gates[3].index(i % STAGES).reshape([BLOCK_N]).load(col).to(gl.float32)
+    else:
+        return gl.zeros([BLOCK_N], gl.float32, layout=col)
+
+
+@gluon.jit
 def _dense_softmax(b_s, m_i, l_i, j, o_m, n_full, seqlen_k, dist_offset, scale_log2, dtype,
-                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """Online softmax of key tile j's scores b_s = Q.K^T (unscaled fp32): (P as the P.V
-    operand, m_i, l_i, the accumulator's rescale factor)."""
+                   b_alpha, b_delta, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr, HAS_GATE: gl.constexpr,
+                   IS_LOGSIGMOID: gl.constexpr):
+    """Online softmax of key tile j's scores b_s = Q.K^T (unscaled fp32), plus the gate
+    g(alpha_i * delta_j) of SPEC §6 when HAS_GATE (`common.gate`): (P as the P.V operand,
+    m_i, l_i, the accumulator's rescale factor)."""
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+    if HAS_GATE:
+        b_s = b_s + gate(b_alpha, b_delta, IS_LOGSIGMOID)
     b_s = b_s * scale_log2
     if j >= n_full:
         o_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -196,9 +228,10 @@ def _issue_pv(acc, b_p, v_smem, v_ready, i, BLOCK_N: gl.constexpr, STAGES: gl.co
 
 
 @gluon.jit
-def _dense_loop(acc, m_i, l_i, b_q, args, turn, n, o_m, n_full, dist_offset,
+def _dense_loop(acc, m_i, l_i, b_q, args, turn, gates, b_alpha, n, o_m, n_full, dist_offset,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                IS_CAUSAL: gl.constexpr, WG: gl.constexpr):
+                IS_CAUSAL: gl.constexpr, HAS_GATE: gl.constexpr, IS_LOGSIGMOID: gl.constexpr,
+                WG: gl.constexpr):
     """The dense loop over key tiles [0, n). Tile j's Q.K^T and tile j-1's P.V are issued
     together and tile j's softmax runs while that P.V does; the two warpgroups take turns to
     issue (`turn`: warpgroup WG waits on turn[WG], then hands the turn over), so one's softmax
@@ -212,21 +245,26 @@ def _dense_loop(acc, m_i, l_i, b_q, args, turn, n, o_m, n_full, dist_offset,
     if WG == 1:  # warpgroup 0 issues first
         mbarrier.arrive(turn.index(0), count=1)
     if n > 0:
-        b_s = _finish_scores(_issue_scores(b_q, k_smem, k_ready, 0, BLOCK_M, BLOCK_N, STAGES),
-                             k_empty, 0, STAGES)
+        b_s = warpgroup_mma_wait(0, deps=[_issue_scores(b_q, k_smem, k_ready, 0, BLOCK_M,
+                                                         BLOCK_N, STAGES)])
+        b_delta = _tile_delta(gates, 0, BLOCK_N, STAGES, HAS_GATE)
+        mbarrier.arrive(k_empty.index(0), count=1)
         b_p, m_i, l_i, b_r = _dense_softmax(b_s, m_i, l_i, 0, o_m, n_full, seqlen_k,
-                                            dist_offset, scale_log2, b_q.dtype, HEAD_DIM,
-                                            BLOCK_N, IS_CAUSAL)
+                                            dist_offset, scale_log2, b_q.dtype, b_alpha,
+                                            b_delta, HEAD_DIM, BLOCK_N, IS_CAUSAL, HAS_GATE,
+                                            IS_LOGSIGMOID)
         for j in range(1, n):
             mbarrier.wait(turn.index(WG), (j - 1) & 1)
             b_s = _issue_scores(b_q, k_smem, k_ready, j, BLOCK_M, BLOCK_N, STAGES)
             acc = _issue_pv(acc, b_p, v_smem, v_ready, j - 1, BLOCK_N, STAGES)
             mbarrier.arrive(turn.index(1 - WG), count=1)
             b_s = warpgroup_mma_wait(1, deps=[b_s])  # the Q.K^T; the P.V runs on
+            b_delta = _tile_delta(gates, j, BLOCK_N, STAGES, HAS_GATE)
             mbarrier.arrive(k_empty.index(j % STAGES), count=1)
             b_p, m_i, l_i, b_r = _dense_softmax(b_s, m_i, l_i, j, o_m, n_full, seqlen_k,
-                                                dist_offset, scale_log2, b_q.dtype, HEAD_DIM,
-                                                BLOCK_N, IS_CAUSAL)
+                                                dist_offset, scale_log2, b_q.dtype, b_alpha,
+                                                b_delta, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                                                HAS_GATE, IS_LOGSIGMOID)
             acc = warpgroup_mma_wait(0, deps=[acc])
             mbarrier.arrive(v_empty.index((j - 1) % STAGES), count=1)
             acc = acc * b_r[:, None]
@@ -373,8 +411,9 @@ def _phase_tile(c, t_lo, PHASE: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(args, turn, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr, WG: gl.constexpr):
+def _consumer(args, turn, gates, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
+              HAS_GATE: gl.constexpr, IS_LOGSIGMOID: gl.constexpr, WG: gl.constexpr):
     (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
      b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls,
      scale_log2, p_skip, stride_sm, softmax_threshold) = args
@@ -411,8 +450,14 @@ def _consumer(args, turn, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: 
                                       n_full, blocks, dist_offset, BLOCK_M, BLOCK_N, STAGES,
                                       IS_CAUSAL, 2)
     else:
-        acc, m_i, l_i = _dense_loop(acc, m_i, l_i, b_q, args, turn, n, o_m, n_full, dist_offset,
-                                    BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, WG)
+        if HAS_GATE:  # this warpgroup's rows' alpha, loaded once
+            b_alpha = gl.load(gates[0] + o_m.to(gl.int64) * gates[1], mask=o_m < seqlen_q,
+                              other=0.0).to(gl.float32)
+        else:
+            b_alpha = m_i
+        acc, m_i, l_i = _dense_loop(acc, m_i, l_i, b_q, args, turn, gates, b_alpha, n, o_m,
+                                    n_full, dist_offset, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL,
+                                    HAS_GATE, IS_LOGSIGMOID, WG)
     # epilogue: normalise, natural-log lse; rows with no visible key -> out 0, lse -inf
     has_key = l_i > 0.0
     l_safe = gl.where(has_key, l_i, 1.0)
@@ -426,19 +471,22 @@ def _consumer(args, turn, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: 
 
 
 @gluon.jit
-def _consumer_1(args, turn, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr):
-    _consumer(args, turn, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE, 1)
+def _consumer_1(args, turn, gates, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr,
+                HAS_GATE: gl.constexpr, IS_LOGSIGMOID: gl.constexpr):
+    _consumer(args, turn, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE, HAS_GATE,
+              IS_LOGSIGMOID, 1)
 
 
 @gluon.jit
 def _attn_fwd_hopper_kernel(
-    q_desc, k_desc, v_desc, O, LSE, SKIP,
+    q_desc, k_desc, v_desc, d_desc, O, LSE, SKIP, ALPHA,
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-    stride_sb, stride_sh, stride_sm,
+    stride_sb, stride_sh, stride_sm, stride_ab, stride_ah, stride_as,
     seqlen_q, seqlen_k, scale_log2, H, GROUP, softmax_threshold,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, SPARSE: gl.constexpr, HAS_GATE: gl.constexpr,
+    IS_LOGSIGMOID: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     # heavy (late, causal) query tiles first; the tiles of one head together
     n_m = gl.cdiv(seqlen_q, 2 * BLOCK_M)
@@ -474,9 +522,19 @@ def _attn_fwd_hopper_kernel(
     args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
             v_empty, b, h, hk, m0, seqlen_q, seqlen_k, p_o, p_lse, stride_os, stride_ls,
             scale_log2, p_skip, stride_sm, softmax_threshold)
-    gl.warp_specialize([(_consumer, (args, turn, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE, 0)),
-                        (_consumer_1, (args, turn, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE)),
-                        (_producer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE))],
+    # gated: this head's alpha row; delta [B, Hkv, Sk] by TMA into a ring beside K's
+    if HAS_GATE:
+        d_smem = gl.allocate_shared_memory(d_desc.dtype, [STAGES] + d_desc.block_type.shape,
+                                           d_desc.layout)
+    else:
+        d_smem = k_smem  # never read
+    gates = (ALPHA + b.to(gl.int64) * stride_ab + h * stride_ah, stride_as, d_desc, d_smem)
+    gl.warp_specialize([(_consumer, (args, turn, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL,
+                                     SPARSE, HAS_GATE, IS_LOGSIGMOID, 0)),
+                        (_consumer_1, (args, turn, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL,
+                                       SPARSE, HAS_GATE, IS_LOGSIGMOID)),
+                        (_producer, (args, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SPARSE,
+                                     HAS_GATE))],
                        [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -493,11 +551,35 @@ def _descriptor(t, rows, head_dim):
                             _smem_layout(rows, head_dim, t.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def _row_layout(dtype: torch.dtype):
+    """Shared layout of a [1, 1, block_n] delta block: unswizzled (one row of keys)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=dtype.itemsize * 8,
+                                rank=3)
+
+
+def _delta_descriptor(delta, block_n):
+    """TMA descriptor of delta [B, Hkv, Sk], one [1, 1, block_n] block per key tile. A view
+    TMA cannot address (e.g. the transpose of a [B, Sk, Hkv] tensor, or Sk rows not a multiple
+    of 16 bytes) is first copied into a [B, Hkv, Sk] buffer with aligned rows (B * Hkv * Sk
+    elements: far below the attention's own traffic)."""
+    if not configs._tma_ready(delta):
+        sk = delta.shape[2]
+        buf = torch.empty((*delta.shape[:2], sk + (-sk % 16)), dtype=delta.dtype,
+                          device=delta.device)[:, :, :sk]
+        delta = buf.copy_(delta)
+    return TensorDescriptor(delta, list(delta.shape), list(delta.stride()), [1, 1, block_n],
+                            _row_layout(delta.dtype))
+
+
 def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, config,
-                           softmax_threshold=0.0, skip=None):
+                           softmax_threshold=0.0, skip=None, alpha=None, delta=None,
+                           is_logsigmoid_gate=True):
     """Batched forward of q [B, Sq, H, D], k/v [B, Sk, Hkv, D] into out (like q) and
     lse [B, H, Sq] (fp32). softmax_threshold > 0: sparse (SPEC §5), with the skip codes of
-    `fwd.py` into skip [B, H, cdiv(Sq, 64), cdiv(Sk, 64)] (uint8, zeros on entry)."""
+    `fwd.py` into skip [B, H, cdiv(Sq, 64), cdiv(Sk, 64)] (uint8, zeros on entry).
+    alpha [B, H, Sq] / delta [B, Hkv, Sk] (any strides): gated (SPEC §6) without gate
+    sparsity and without softmax_threshold: every visible key is used, no codes."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     bm = config.block_m // 2  # rows per consumer warpgroup
@@ -505,17 +587,24 @@ def launch_attn_fwd_hopper(q, k, v, out, lse, *, softmax_scale, is_causal, confi
     if sparse and (bm != 64 or config.block_n != 128 or skip is None):
         raise ValueError("the sparse Gluon forward takes 64-row warpgroups, 128-key tiles (two "
                          "64-key skip blocks) and a skip tensor")
+    gated = alpha is not None
+    if gated and sparse:
+        raise ValueError("the Gluon forward runs gated attention without softmax_threshold")
     grid = (configs.cdiv(seqlen_q, config.block_m) * batch * num_heads,)
+    k_desc = _descriptor(k, config.block_n, head_dim)
     launch(
         _attn_fwd_hopper_kernel, grid,
-        _descriptor(q, bm, head_dim), _descriptor(k, config.block_n, head_dim),
-        _descriptor(v, config.block_n, head_dim), out, lse, skip if sparse else lse,
+        _descriptor(q, bm, head_dim), k_desc, _descriptor(v, config.block_n, head_dim),
+        _delta_descriptor(delta, config.block_n) if gated else k_desc, out, lse,
+        skip if sparse else lse,
+        alpha if gated else lse,
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
-        *(skip.stride()[:3] if sparse else (0, 0, 0)),
+        *(skip.stride()[:3] if sparse else (0, 0, 0)), *(alpha.stride() if gated else (0, 0, 0)),
         seqlen_q, seqlen_k, softmax_scale * 1.4426950408889634, num_heads,
         num_heads // num_kv_heads, float(softmax_threshold),
         BLOCK_M=bm, BLOCK_N=config.block_n, STAGES=config.num_stages, IS_CAUSAL=bool(is_causal),
         # consumer registers: the dense schedule keeps two score tiles and a P tile live
         # (measured at 240); sparse runs as measured fastest (232)
-        SPARSE=sparse, CONSUMER_REGS=232 if sparse else 240, num_warps=4,
+        SPARSE=sparse, HAS_GATE=gated, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
+        CONSUMER_REGS=232 if sparse else 240, num_warps=4,
     )
