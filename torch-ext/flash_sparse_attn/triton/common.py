@@ -184,6 +184,17 @@ def online_softmax_step(b_s, m_i, l_i):
 
 
 @triton.jit
+def online_softmax_step_scaled(b_s, m_i, l_i, scale_log2):
+    """`online_softmax_step` over unscaled scores b_s (masked keys = -inf), m_i in base-2
+    units: the max is taken before scaling (scale_log2 > 0: the same maxima), so each
+    probability's scale and offset are one FMA, exp2(s * scale_log2 - m)."""
+    m_new, m_use, b_rescale = softmax_rescale(m_i, tl.max(b_s, 1) * scale_log2)
+    b_p = tl.math.exp2(b_s * scale_log2 - m_use[:, None])
+    l_new = l_i * b_rescale + tl.sum(b_p, 1)
+    return b_p, m_new, l_new, b_rescale
+
+
+@triton.jit
 def softmax_rescale(m_i, b_mx):
     """The running-max part of an online-softmax step, for a tile whose row max is b_mx:
     (m_new, m_use = the exp2 offset, b_rescale = exp2(m_i - m_use), 0 while m_i is -inf)."""

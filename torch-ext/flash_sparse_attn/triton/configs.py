@@ -128,10 +128,11 @@ def _has_module(name: str) -> bool:
 FWD_PATHS = ("hopper", "tma", "portable")
 # the head dims fwd_path sends to the "hopper" path: dense, sparse (softmax_threshold) and
 # gated without gate sparsity or softmax_threshold, with the logsigmoid or the linear gate.
-# Measured (H200, bf16, causal, H=32, Hkv=8, 16k; Gluon vs TMA path, dense Gluon in brackets):
-# dense D=256 6.88 vs 8.02 ms (cuDNN 6.73); logsigmoid gate D=128 6.66 vs 5.92 [3.71]: the
-# gate's exp2 and polynomial leave Gluon's softmax the bottleneck, so D=128 stays on "tma";
-# D=256 8.98 vs 9.25 [6.88]; linear gate D=128 3.89 [3.71], D=256 7.48 [6.88]
+# Measured (H200, bf16, causal, H=32, Hkv=8, 16k, one run; Gluon vs TMA path): dense D=256
+# 6.77 vs 7.88 ms (cuDNN 6.84); logsigmoid gate D=128 5.98 vs 5.90, D=64 4.69 vs 4.67 (the
+# gate's exp2 and polynomial make Gluon's softmax the bottleneck: a tie, so "tma" keeps
+# them), D=256 9.09 vs 9.27; linear gate D=128 3.77 vs 4.94, D=256 6.75 vs 8.31, D=64 3.04
+# vs 3.06 (4k: 0.264 vs 0.253, so "tma")
 HOPPER_HEAD_DIMS = {"dense": (64, 128, 256), "sparse": (128,), "gated": (256,),
                     "gated_linear": (128, 256)}
 # the backward's "hopper" path (triton/hopper_bwd.py): its tile (query rows, keys: two

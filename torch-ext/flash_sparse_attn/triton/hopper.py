@@ -20,8 +20,8 @@ Notation
   phase 2, every visible tile again, with anchor halves left out: the rule, the thresholds and
   the skip codes are `fwd.py`'s, block for block, so the backward reads the same codes.
 - Masks, the visible-key count and the online-softmax step are the portable family's
-  (`common.visible`, `common.visible_count`, `common.online_softmax_step`), called from Gluon:
-  one copy of each.
+  (`common.visible`, `common.visible_count`; `common.online_softmax_step_scaled`, its step
+  with the scale folded into the exp2's FMA), called from Gluon: one copy of each.
 
 - Gated (`HAS_GATE`, dense loop only): each warpgroup loads its rows' alpha once; the producer
   loads each key tile's delta by TMA with its K (`k_ready` counts both), and the consumer reads
@@ -54,8 +54,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import configs
-from .common import (LN2, gate, online_softmax_step, softmax_rescale, softmax_skip_threshold,
-                     visible, visible_count)
+from .common import (LN2, gate, online_softmax_step_scaled, softmax_rescale,
+                     softmax_skip_threshold, visible, visible_count)
 from .launch import launch
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -207,12 +207,11 @@ def _dense_softmax(b_s, m_i, l_i, j, o_m, n_full, seqlen_k, dist_offset, scale_l
     o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     if HAS_GATE:
         b_s = b_s + gate(b_alpha, b_delta, IS_LOGSIGMOID)
-    b_s = b_s * scale_log2
     if j >= n_full:
         o_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         m_vis = visible(o_m, o_n, dist_offset, seqlen_k, IS_CAUSAL, False, 0, 0, 0, 0)
         b_s = gl.where(m_vis, b_s, float("-inf"))
-    b_p, m_i, l_i, b_r = online_softmax_step(b_s, m_i, l_i)
+    b_p, m_i, l_i, b_r = online_softmax_step_scaled(b_s, m_i, l_i, scale_log2)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     return (gl.convert_layout(b_p.to(dtype), p_layout), m_i, l_i,
             gl.convert_layout(b_r, gl.SliceLayout(1, o_layout)))
@@ -275,10 +274,10 @@ def _dense_loop(acc, m_i, l_i, b_q, args, turn, gates, b_alpha, n, o_m, n_full, 
 
 
 @gluon.jit
-def _half_probs(b_s, m_use, l_i, dtype, p_layout: gl.constexpr):
-    """A kept half tile's exp2 against the row offsets m_use: (P as the P.V operand, l_i + its
-    row sums)."""
-    b_p = gl.exp2(b_s - m_use[:, None])
+def _half_probs(b_s, m_use, l_i, scale_log2, dtype, p_layout: gl.constexpr):
+    """A kept half tile's exp2 of its unscaled scores against the row offsets m_use (base 2):
+    (P as the P.V operand, l_i + its row sums)."""
+    b_p = gl.exp2(b_s * scale_log2 - m_use[:, None])
     return gl.convert_layout(b_p.to(dtype), p_layout), l_i + gl.sum(b_p, 1)
 
 
@@ -287,8 +286,9 @@ def _sparse_decide(b_s, b_thr, p_skip, j, o_m, n_full, blocks, seqlen_k, dist_of
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
                    PHASE: gl.constexpr):
     """The skip test of key tile j, its scores b_s = Q.K^T done, as two skip blocks of
-    BLOCK_N / 2 keys (2j and 2j + 1): the tile split in registers into halves s0, s1 (base-2,
-    masked) and their row maxima mx0, mx1; flags (bit h: half h kept); the blocks' codes.
+    BLOCK_N / 2 keys (2j and 2j + 1): the tile split in registers into halves s0, s1
+    (unscaled, masked) and their row maxima mx0, mx1 (base 2: scaled after the max, the same
+    maxima as scale_log2 > 0); flags (bit h: half h kept); the blocks' codes.
 
     PHASE 1 (anchors): a half is kept when it is one of this row block's anchor blocks (code 1).
     PHASE 2: an anchor or unvisited half is left out; any other is kept when some row's max
@@ -298,7 +298,7 @@ def _sparse_decide(b_s, b_thr, p_skip, j, o_m, n_full, blocks, seqlen_k, dist_of
     h_layout: gl.constexpr = _mma_layout(HALF)
     hi, a_lo, a_hi = blocks
     # halves [BLOCK_M, HALF]: the first and the last HALF columns (register-only split)
-    s0, s1 = gl.split(gl.permute(gl.reshape(b_s * scale_log2, [BLOCK_M, 2, HALF]), (0, 2, 1)))
+    s0, s1 = gl.split(gl.permute(gl.reshape(b_s, [BLOCK_M, 2, HALF]), (0, 2, 1)))
     s0 = gl.convert_layout(s0, h_layout)
     s1 = gl.convert_layout(s1, h_layout)
     if j >= n_full:
@@ -313,8 +313,8 @@ def _sparse_decide(b_s, b_thr, p_skip, j, o_m, n_full, blocks, seqlen_k, dist_of
     vis1 = ((blk0 + 1) * HALF < hi).to(gl.int32)
     anc0 = ((blk0 == 0) | ((blk0 * HALF >= a_lo) & (blk0 * HALF < a_hi))).to(gl.int32)
     anc1 = (((blk0 + 1) * HALF >= a_lo) & ((blk0 + 1) * HALF < a_hi)).to(gl.int32)
-    mx0 = gl.max(s0, 1)
-    mx1 = gl.max(s1, 1)
+    mx0 = gl.max(s0, 1) * scale_log2
+    mx1 = gl.max(s1, 1) * scale_log2
     if PHASE == 1:
         flags = (vis0 & anc0) | ((vis1 & anc1) << 1)
         if (flags & 1) != 0:
@@ -335,7 +335,7 @@ def _sparse_decide(b_s, b_thr, p_skip, j, o_m, n_full, blocks, seqlen_k, dist_of
 
 @gluon.jit
 def _sparse_accumulate(acc, m_i, l_i, flags, s0, s1, mx0, mx1, v_smem, v_ready, v_empty, i,
-                       dtype, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                       scale_log2, dtype, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """The online-softmax step over the kept halves of stream position i (`_sparse_decide`):
     each kept half gets its own exp2 and P.V (a wgmma over its half of the V tile), a skipped
     half neither; nothing runs (not even the rescale) when both are skipped. The V buffer goes
@@ -355,17 +355,17 @@ def _sparse_accumulate(acc, m_i, l_i, flags, s0, s1, mx0, mx1, v_smem, v_ready, 
         acc = acc * gl.convert_layout(b_r, gl.SliceLayout(1, o_layout))[:, None]
         b_v = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
         if flags == 3:
-            p0, l_i = _half_probs(s0, m_use, l_i, dtype, p_layout)
-            p1, l_i = _half_probs(s1, m_use, l_i, dtype, p_layout)
+            p0, l_i = _half_probs(s0, m_use, l_i, scale_log2, dtype, p_layout)
+            p1, l_i = _half_probs(s1, m_use, l_i, scale_log2, dtype, p_layout)
             acc = warpgroup_mma(p0, b_v.slice(0, HALF), acc, is_async=True)
             acc = warpgroup_mma(p1, b_v.slice(HALF, HALF), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc])
         elif flags == 1:
-            p0, l_i = _half_probs(s0, m_use, l_i, dtype, p_layout)
+            p0, l_i = _half_probs(s0, m_use, l_i, scale_log2, dtype, p_layout)
             acc = warpgroup_mma(p0, b_v.slice(0, HALF), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc])
         else:
-            p1, l_i = _half_probs(s1, m_use, l_i, dtype, p_layout)
+            p1, l_i = _half_probs(s1, m_use, l_i, scale_log2, dtype, p_layout)
             acc = warpgroup_mma(p1, b_v.slice(HALF, HALF), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc])
     mbarrier.arrive(v_empty.index(s), count=1)
@@ -396,8 +396,8 @@ def _sparse_phase(acc, m_i, l_i, b_thr, b_q, args, p_skip, start, count, t_lo, o
             b_s, b_thr, p_skip, _phase_tile(c, t_lo, PHASE), o_m, n_full, blocks, seqlen_k,
             dist_offset, scale_log2, BLOCK_M, BLOCK_N, IS_CAUSAL, PHASE)
         acc, m_i, l_i = _sparse_accumulate(acc, m_i, l_i, flags, s0, s1, mx0, mx1, v_smem,
-                                           v_ready, v_empty, start + c, b_q.dtype, BLOCK_N,
-                                           STAGES)
+                                           v_ready, v_empty, start + c, scale_log2, b_q.dtype,
+                                           BLOCK_N, STAGES)
     return acc, m_i, l_i
 
 
@@ -463,7 +463,8 @@ def _consumer(args, turn, gates, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     l_safe = gl.where(has_key, l_i, 1.0)
     b_lse = gl.where(has_key, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
     gl.store(p_lse + o_m.to(gl.int64) * stride_ls, b_lse, mask=o_m < seqlen_q)
-    b_o = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    # one reciprocal per row (not an IEEE division per element)
+    b_o = acc * gl.convert_layout(1.0 / l_safe, row_o)[:, None]
     o_mo = first + gl.arange(0, BLOCK_M, layout=row_o)
     o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     gl.store(p_o + o_mo.to(gl.int64)[:, None] * stride_os + o_d[None, :],
