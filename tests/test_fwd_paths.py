@@ -227,20 +227,23 @@ def test_hopper_path_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, strided)
 
 
 GATED_HOPPER_CASES = [
-    # b, sq, sk, h, hkv, d, causal, logsigmoid gate, alpha/delta as transposed views
-    (1, 65, 1000, 4, 2, 128, True, True, True),  # Sq < Sk
-    (1, 1000, 65, 4, 2, 128, True, True, False),  # Sq > Sk: first rows see nothing
-    (2, 1000, 1000, 8, 2, 64, False, False, True),  # linear gate
-    (1, 4097, 4097, 4, 1, 128, True, True, False),
-    (1, 2048, 2048, 8, 2, 256, True, True, True),
-    (1, 1000, 3000, 4, 4, 256, False, False, False),
+    # b, sq, sk, h, hkv, d, causal, logsigmoid gate, alpha/delta as transposed views, and
+    # their dtype (None: q's)
+    (1, 65, 1000, 4, 2, 128, True, True, True, None),  # Sq < Sk
+    (1, 1000, 65, 4, 2, 128, True, True, False, None),  # Sq > Sk: first rows see nothing
+    (2, 1000, 1000, 8, 2, 64, False, False, True, None),  # linear gate
+    (1, 4097, 4097, 4, 1, 128, True, True, False, None),
+    (1, 2048, 2048, 8, 2, 256, True, True, True, None),
+    (1, 1000, 3000, 4, 4, 256, False, False, False, None),
+    (1, 1000, 1000, 4, 2, 128, True, False, False, torch.float32),
+    (1, 1000, 1001, 4, 2, 256, True, True, False, torch.float64),  # copied to fp32 rows
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the Gluon path is the sm_90 path")
-@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,logsig,strided", GATED_HOPPER_CASES)
-def test_hopper_gated_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, logsig, strided):
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,logsig,strided,gdt", GATED_HOPPER_CASES)
+def test_hopper_gated_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, logsig, strided, gdt):
     """The Gluon kernel's gated forward (SPEC §6, no block test: gate_threshold 0; alpha by
     pointer loads, delta by TMA or through an aligned copy) against float64, the portable
     path within the rounding rule, and the public function where the dispatch takes it."""
@@ -252,11 +255,12 @@ def test_hopper_gated_matches_float64(fsa, b, sq, sk, h, hkv, d, causal, logsig,
     dl = 2 * torch.randn(b, sk, hkv, generator=g)
     if logsig:
         dl[:, 64:256] -= 30.0  # closed keys: the gate, not the scores, decides there
+    gdt = gdt or dt
     if strided:
-        alpha, delta = a.to(dev, dt).transpose(1, 2), dl.to(dev, dt).transpose(1, 2)
+        alpha, delta = a.to(dev, gdt).transpose(1, 2), dl.to(dev, gdt).transpose(1, 2)
     else:
-        alpha = a.transpose(1, 2).contiguous().to(dev, dt)
-        delta = dl.transpose(1, 2).contiguous().to(dev, dt)
+        alpha = a.transpose(1, 2).contiguous().to(dev, gdt)
+        delta = dl.transpose(1, 2).contiguous().to(dev, gdt)
     variant = "gated" if logsig else "gated_linear"
     dispatched = configs.fwd_path(q, k, v, hopper_covers=True, variant=variant)
     assert dispatched == ("hopper" if d in configs.HOPPER_HEAD_DIMS[variant] else "tma")

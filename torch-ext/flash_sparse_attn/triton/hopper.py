@@ -563,10 +563,12 @@ def _delta_descriptor(delta, block_n):
     """TMA descriptor of delta [B, Hkv, Sk], one [1, 1, block_n] block per key tile. A view
     TMA cannot address (e.g. the transpose of a [B, Sk, Hkv] tensor, or Sk rows not a multiple
     of 16 bytes) is first copied into a [B, Hkv, Sk] buffer with aligned rows (B * Hkv * Sk
-    elements: far below the attention's own traffic)."""
-    if not configs._tma_ready(delta):
+    elements: far below the attention's own traffic); float64 delta into a float32 one (the
+    kernels compute the gate in fp32 either way)."""
+    dtype = torch.float32 if delta.dtype == torch.float64 else delta.dtype
+    if dtype != delta.dtype or not configs._tma_ready(delta):
         sk = delta.shape[2]
-        buf = torch.empty((*delta.shape[:2], sk + (-sk % 16)), dtype=delta.dtype,
+        buf = torch.empty((*delta.shape[:2], sk + (-sk % 16)), dtype=dtype,
                           device=delta.device)[:, :, :sk]
         delta = buf.copy_(delta)
     return TensorDescriptor(delta, list(delta.shape), list(delta.stride()), [1, 1, block_n],
