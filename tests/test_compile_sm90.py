@@ -176,7 +176,13 @@ def _row_desc(n):
 
 def compile_hopper(pkg):
     """The Gluon forward (triton/hopper.py): dense at the head dims it runs, sparse, and gated
-    (logsigmoid and linear)."""
+    (logsigmoid and linear), with ptxas's spill bytes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import kernel_report
+    import triton
+
+    compat = triton.__version__.startswith("3.6.")
+
     fn = importlib.import_module(f"{pkg}.triton.hopper")._attn_fwd_hopper_kernel
     lines = []
     for d, bn, causal, sparse, gate in ((128, 128, True, False, None), (64, 128, False, False, None),
@@ -192,7 +198,9 @@ def compile_hopper(pkg):
         k = _gluon_sm90(fn, sig, consts)
         ptx = k.asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
-        lines.append(f"hopper d{d} causal={causal} sparse={sparse} gate={gate} "
+        # ptxas -v with Triton 3.6's ptxas (later Tritons emit PTX newer than their bin/ptxas)
+        spill = kernel_report.analyse(k, 4)["spill_bytes"] if compat else "-"
+        lines.append(f"hopper d{d} causal={causal} sparse={sparse} gate={gate} spill={spill} "
                      f"warps={k.metadata.num_warps}")
     return lines
 
@@ -254,6 +262,11 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     hopper = [x for x in lines if x.startswith("hopper ")]
     assert sum(x.startswith("hopper_bwd") and x.endswith(" ok") for x in lines) == 4, lines
     assert len(hopper) == 6 and all(x.endswith("warps=12") for x in hopper), hopper
+    if triton_path == "compat":
+        # the GPU machines' Triton: the Gluon forward's consumers hold their tiles in
+        # registers (a gated variant that held delta in registers spilled and ran 3x slower)
+        hot = [x for x in hopper if "gate=None" in x or "d128 causal=True sparse=False gate=log" in x]
+        assert len(hot) == 5 and all(" spill=0 " in x for x in hot), hopper
 
 
 def test_hot_kernels_keep_their_state_in_registers():
