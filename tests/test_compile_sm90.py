@@ -185,10 +185,10 @@ def compile_hopper(pkg):
 
     fn = importlib.import_module(f"{pkg}.triton.hopper")._attn_fwd_hopper_kernel
     lines = []
-    for d, bn, causal, sparse, gate in ((128, 128, True, False, None), (64, 128, False, False, None),
-                                        (256, 64, True, False, None), (128, 128, True, True, None),
-                                        (128, 128, True, False, "logsigmoid"),
-                                        (256, 64, False, False, "linear")):
+    variants = ((128, 128, True, False, None), (64, 128, False, False, None),
+                (256, 64, True, False, None), (128, 128, True, True, None),
+                (128, 128, True, False, "logsigmoid"), (256, 64, False, False, "linear"))
+    for d, bn, causal, sparse, gate in variants:
         sig = dict(q_desc=_desc(64, d), k_desc=_desc(bn, d), v_desc=_desc(bn, d),
                    d_desc=_row_desc(bn) if gate else _desc(bn, d), O="*bf16", LSE="*fp32",
                    SKIP="*u8", ALPHA="*bf16", scale_log2="fp32", softmax_threshold="fp32")
@@ -265,7 +265,8 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     if triton_path == "compat":
         # the GPU machines' Triton: the Gluon forward's consumers hold their tiles in
         # registers (a gated variant that held delta in registers spilled and ran 3x slower)
-        hot = [x for x in hopper if "gate=None" in x or "d128 causal=True sparse=False gate=log" in x]
+        hot = [x for x in hopper
+               if "gate=None" in x or "d128 causal=True sparse=False gate=log" in x]
         assert len(hot) == 5 and all(" spill=0 " in x for x in hot), hopper
 
 

@@ -1,6 +1,6 @@
-"""The forward's kernel paths (SPEC §5.2, `configs.fwd_path`): on an sm_90 GPU in bf16, the TMA path
-(K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`, dense,
-sparse and gated)
+"""The forward's kernel paths (SPEC §5.2, `configs.fwd_path`): on an sm_90 GPU in bf16, the TMA
+path (K/V through TMA descriptors) and the warp-specialised Gluon path (`triton/hopper.py`,
+dense, sparse and gated)
 against float64 and against the portable path on the shapes that hurt; and the dispatch rule
 itself, which CI checks on the CPU.
 
