@@ -22,7 +22,6 @@ Notation
 - Masks, the visible-key count and the online-softmax step are the portable family's
   (`common.visible`, `common.visible_count`; `common.online_softmax_step_scaled`, its step
   with the scale folded into the exp2's FMA), called from Gluon: one copy of each.
-
 - Gated (`HAS_GATE`, dense loop only): each warpgroup loads its rows' alpha once; the producer
   loads each key tile's delta by TMA with its K (`k_ready` counts both), and the consumer reads
   it from shared memory after the tile's Q.K^T (`_tile_delta` says why not earlier); the gate is
