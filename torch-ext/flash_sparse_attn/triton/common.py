@@ -175,17 +175,15 @@ def online_softmax_step(b_s, m_i, l_i):
     """One online-softmax update over a tile of base-2 scores b_s [M, N] (masked keys = -inf).
 
     Returns (b_p [M, N] unnormalised probabilities, m_new, l_new, b_rescale [M]); the caller
-    rescales its accumulator by b_rescale and adds b_p @ V.
+    rescales its accumulator by b_rescale and adds b_p @ V. `online_softmax_step_scaled` with
+    scale 1 (the compiler drops the multiplications by 1: the same code and bits).
     """
-    m_new, m_use, b_rescale = softmax_rescale(m_i, tl.max(b_s, 1))
-    b_p = tl.math.exp2(b_s - m_use[:, None])
-    l_new = l_i * b_rescale + tl.sum(b_p, 1)
-    return b_p, m_new, l_new, b_rescale
+    return online_softmax_step_scaled(b_s, m_i, l_i, 1.0)
 
 
 @triton.jit
 def online_softmax_step_scaled(b_s, m_i, l_i, scale_log2):
-    """`online_softmax_step` over unscaled scores b_s (masked keys = -inf), m_i in base-2
+    """The online-softmax step over unscaled scores b_s (masked keys = -inf), m_i in base-2
     units: the max is taken before scaling (scale_log2 > 0: the same maxima), so each
     probability's scale and offset are one FMA, exp2(s * scale_log2 - m)."""
     m_new, m_use, b_rescale = softmax_rescale(m_i, tl.max(b_s, 1) * scale_log2)
