@@ -543,3 +543,31 @@ def test_value_checks_remembered_until_tensor_changes(validate, host_reads, kind
     with pytest.raises(ValueError, match=message):  # a failed check is never remembered
         call_validate(validate, kind, "dense", kw)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_passed_calls_remembered(validate, kind, monkeypatch):
+    """A call that passed is not checked again when it comes back with the same shapes,
+    strides, dtypes, devices and scalars (and the same value-checked tensors at the same
+    versions); any difference runs every check again, and a call whose value checks were
+    skipped (here: as under CUDA-graph capture) is not remembered."""
+    runs = []
+    orig = validate._check_qkv
+    monkeypatch.setattr(validate, "_check_qkv", lambda *a: runs.append(1) or orig(*a))
+    validate._PASSED.clear()
+    kw = inputs(kind, "dense")
+    for _ in range(3):
+        call_validate(validate, kind, "dense", kw)
+    assert len(runs) == 1
+    kw["softmax_scale"] = 0.375  # another scalar
+    call_validate(validate, kind, "dense", kw)
+    kw["query"] = kw["query"].transpose(-1, -2).contiguous().transpose(-1, -2)  # strides
+    with pytest.raises(ValueError, match="query"):
+        call_validate(validate, kind, "dense", kw)
+    assert len(runs) == 3
+    kw = inputs(kind, "dense")
+    monkeypatch.setattr(validate._Ctx, "reads_values", property(lambda self: False))
+    for _ in range(2):
+        call_validate(validate, kind, "dense", kw)
+    # with value-checked tensors (all kinds but batched without them) nothing is remembered
+    assert len(runs) == 5

@@ -90,13 +90,50 @@ def test_replay_matches_jit_launch(fsa, variant, monkeypatch):
     assert shifted.data_ptr() % 16 != 0
     for q_ in (q, shifted):
         before = len(lc._CACHE)
+        lc._PLANS.clear()
         first, replay = run(q_), run(q_)
         assert len(lc._CACHE) > before  # the aligned and the shifted q are keyed apart
+        # the second call replayed the forward's launch plan (and the backward's where it
+        # runs on the caller's stream only: no dQ pass on a side stream)
+        made = {key[0].__name__ for key, p in lc._PLANS.items() if p is not lc._NO_PLAN}
+        assert "_attn_fwd_launches" in made
+        # (the Gluon backward of aligned q adds dQ atomically on the caller's stream)
+        assert "_attn_bwd_launches" in made or variant == "gated" or q_ is shifted
         monkeypatch.setattr(lc, "_ENABLED", False)
         plain = run(q_)
         monkeypatch.undo()
         for a, r, p in zip(first, replay, plain):
             assert torch.equal(a, p) and torch.equal(r, p)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="replays compiled kernels: needs a CUDA GPU")
+@pytest.mark.parametrize("gather", [False, True])
+def test_decode_plan_matches_jit_launch(fsa, gather, monkeypatch):
+    """Decode (split-KV with its combine, and top-k gathered) replayed from its launch plan
+    gives the bits of the cache off, on new query values."""
+    lc = _launch(fsa)
+    lc._PLANS.clear()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, sk, h, hkv, d = 2, 3000, 8, 2, 128
+    kc, vc = (torch.randn(b, sk, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
+              for _ in range(2))
+    idx = torch.randint(0, sk, (b, 256), device="cuda", generator=g, dtype=torch.int32) \
+        if gather else None
+    outs = []
+    for _ in range(3):
+        q = torch.randn(b, h, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        got = fsa.flash_dense_attn_with_kvcache_func(q, kc, vc, gather_kv_indices=idx,
+                                                     return_lse=True)
+        monkeypatch.setattr(lc, "_ENABLED", False)
+        plain = fsa.flash_dense_attn_with_kvcache_func(q, kc, vc, gather_kv_indices=idx,
+                                                       return_lse=True)
+        monkeypatch.undo()
+        outs.append((got, plain))
+    assert any(key[0].__name__ == "_attn_decode_launches" and p is not lc._NO_PLAN
+               for key, p in lc._PLANS.items())
+    for got, plain in outs:
+        for a, p in zip(got, plain):
+            assert torch.equal(a, p)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="compiles for the GPU")
@@ -128,3 +165,118 @@ def test_backward_compiled_ahead(fsa):
             again = torch.autograd.grad(fn(*leaves), leaves, dout)
             for a, b_ in zip(first, again):
                 assert torch.equal(a, b_)
+
+
+class _FakeKernel:
+    """Stands in for a compiled kernel's launcher in the launch-plan tests (CPU): its
+    "kernel" writes x + y into the third argument and records each launch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, g0, g1, g2, stream, function, packed, meta, enter, exit_, *args):
+        self.calls.append(((g0, g1, g2), stream, function, packed, args))
+        x, y, out = args[0], args[1], args[2]
+        out.copy_(x + y)
+
+
+class _Desc:
+    """A TMA-descriptor-like argument: a tensor `base` and other fields."""
+
+    def __init__(self, base, block):
+        self.base, self.block = base, block
+
+
+@pytest.fixture
+def plans(fsa, monkeypatch):
+    """launch.py with a fake driver (device 0, stream 7) and an empty plan table."""
+    lc = _launch(fsa)
+    monkeypatch.setattr(lc, "_DRIVER", [(lambda: 0, lambda device: 7)])
+    monkeypatch.setattr(lc, "_ENABLED", True)
+    monkeypatch.setattr(lc, "_PLANS", {})
+    return lc
+
+
+def test_plan_replays_a_recorded_call(plans):
+    """The second call of a signature replays the first one's launches: fresh buffers (zeros
+    where asked, views at the same offset), the new call's tensors and rebased descriptors
+    in the recorded positions, the recorded grid, stream, constants and trailing arguments;
+    the function itself does not run again."""
+    lc, kernel, ran = plans, _FakeKernel(), []
+
+    def launches(x, y, *, scale):
+        ran.append(1)
+        out = lc.buffer_like(x)
+        acc = lc.buffer((4, 8), torch.float32, x.device, zero=True)
+        lc._record((kernel, "fn", "packed", (16,)), (3,),
+                   (x, y, out, acc[1:3], _Desc(y, [1, 8]), scale, 5), 7)
+        kernel(3, 1, 1, 7, "fn", "packed", None, None, None, x, y, out, acc[1:3],
+               _Desc(y, [1, 8]), scale, 5, 16)
+        lc.replayable()
+        return out, acc[1:3], 11
+
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    first = lc.planned(launches, (x, y), {"scale": 0.5})
+    [plan] = lc._PLANS.values()
+    assert plan is not lc._NO_PLAN and len(ran) == 1
+    assert all(d.base is None for _, _, _, _, _, _, _, descs in plan.launches
+               for _, _, d in descs)  # the plan keeps no tensor alive
+    x2, y2 = torch.randn(4, 8), torch.randn(4, 8)
+    out, view, n = lc.planned(launches, (x2, y2), {"scale": 0.5})
+    assert len(ran) == 1 and n == 11
+    grid, stream, function, packed, args = kernel.calls[-1]
+    assert (grid, stream, function, packed) == ((3, 1, 1), 7, "fn", "packed")
+    assert args[0] is x2 and args[1] is y2 and args[2] is out
+    assert torch.equal(out, x2 + y2) and out.data_ptr() != first[0].data_ptr()
+    assert args[3] is not view and torch.equal(args[3], torch.zeros(2, 8))
+    assert view.shape == (2, 8) and view.storage_offset() == 8 and torch.equal(view, args[3])
+    assert isinstance(args[4], _Desc) and args[4].base is y2 and args[4].block == [1, 8]
+    assert args[5:] == (0.5, 5, 16)
+
+
+@pytest.mark.parametrize("change", ["shape", "alignment", "scalar", "extra"])
+def test_plan_signature_separates_calls(plans, change):
+    """A call that differs in a shape, an address modulo 16, a scalar or the caller's extra
+    key records a plan of its own."""
+    lc, kernel = plans, _FakeKernel()
+
+    def launches(x, y, *, scale):
+        out = lc.buffer_like(x)
+        lc._record((kernel, "fn", "packed", ()), (1,), (x, y, out, scale), 7)
+        lc.replayable()
+        return (out,)
+
+    x = torch.randn(64)
+    lc.planned(launches, (x[:16], x[16:32]), {"scale": 1.0}, "a")
+    other = {"shape": ((x[:32], x[32:64]), {"scale": 1.0}, "a"),
+             "alignment": ((x[1:17], x[16:32]), {"scale": 1.0}, "a"),
+             "scalar": ((x[:16], x[16:32]), {"scale": 2.0}, "a"),
+             "extra": ((x[:16], x[16:32]), {"scale": 1.0}, "b")}[change]
+    lc.planned(launches, *other)
+    assert len(lc._PLANS) == 2
+
+
+@pytest.mark.parametrize("why", ["foreign tensor", "not replayable", "other stream",
+                                 "unreplayable launch", "same tensor twice"])
+def test_no_plan_unless_the_record_is_complete(plans, why):
+    """A record becomes no plan when a launch names a tensor that is neither an argument nor a
+    `buffer`, when the function never said `replayable()`, when a launch ran on another
+    stream or could not be replayed; one tensor passed twice is recorded again next time.
+    Every such call runs the function itself."""
+    lc, kernel, ran = plans, _FakeKernel(), []
+
+    def launches(x, y):
+        ran.append(1)
+        out = x * 1 if why == "foreign tensor" else lc.buffer_like(x)
+        entry = None if why == "unreplayable launch" else (kernel, "fn", "packed", ())
+        lc._record(entry, (1,), (x, y, out), 8 if why == "other stream" else 7)
+        if why != "not replayable":
+            lc.replayable()
+        return (out,)
+
+    x = torch.randn(8)
+    y = x if why == "same tensor twice" else torch.randn(8)
+    for _ in range(3):
+        lc.planned(launches, (x, y), {})
+    assert len(ran) == 3
+    assert list(lc._PLANS.values()) == ([] if why == "same tensor twice" else [lc._NO_PLAN])

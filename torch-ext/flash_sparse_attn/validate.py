@@ -33,6 +33,8 @@ the host sync once, not once per layer (nor once per call in a benchmark loop).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import weakref
@@ -63,7 +65,8 @@ _FP8_DTYPES = tuple(
 class _Ctx:
     def __init__(self, fn: str, skip_checks: bool = False):
         self.fn = fn
-        self.skip_values = bool(skip_checks)
+        self.skip_values = self.user_skip = bool(skip_checks)
+        self.values_done = False  # the value checks ran (or passed before: `memoize`)
         self.device: Optional[torch.device] = None
         # (bad-entries mask, message(mask) -> str) pairs, reduced with one sync at the end
         self.pending: List[Tuple[Tensor, Callable[[Tensor], str]]] = []
@@ -100,7 +103,7 @@ class _Ctx:
         alive = _VALIDATED.get(key)
         if alive is not None and all(r() is not None for r in alive):
             _VALIDATED.move_to_end(key)
-            self.skip_values = True
+            self.skip_values = self.values_done = True
             return
         self.memo_key, self.memo_refs = key, refs
 
@@ -117,6 +120,62 @@ class _Ctx:
 # value checks that passed: key of `_Ctx.memoize` -> weak references to the tensors it names
 _VALIDATED: "OrderedDict[tuple, list]" = OrderedDict()
 _MEMO_SIZE = 64
+
+# whole calls that passed (`_memoized`): key -> weak references to their value-checked tensors
+_PASSED: "OrderedDict[tuple, list]" = OrderedDict()
+_PASSED_SIZE = 256
+
+
+def _call_key(args, kwargs, value_tensors):
+    """What a check reads of a call: per tensor its type, shape, strides, dtype and device,
+    per other argument its type and value; for the tensors whose contents are checked also
+    their identity, version and address. None where that cannot be keyed."""
+    parts = []
+    try:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, Tensor):
+                parts.append((type(a), a.shape, a.stride(), a.dtype, a.device))
+            else:
+                parts.append((type(a), a))
+        for t in value_tensors:
+            parts.append((id(t), t._version, t.data_ptr()))
+        key = (tuple(parts), tuple(kwargs))
+        hash(key)
+    except (RuntimeError, TypeError, NotImplementedError):  # sparse layouts, inference
+        return None  # tensors without a version, unhashable arguments: checked every time
+    return key
+
+
+def _memoized(*value_args: str):
+    """A check function whose passing calls are remembered: a later call with the same key
+    (`_call_key`: same shapes, strides, dtypes, devices and scalars, and the very same
+    value-checked tensors `value_args` at the same versions) passes without running the
+    checks again. Only calls whose value checks really ran (or had none to run, or were
+    skipped by `skip_checks=True`, which is part of the key) are remembered: not those
+    traced by torch.compile or under CUDA-graph capture."""
+    def wrap(check):
+        names = list(inspect.signature(check).parameters)
+        positions = [names.index(n) for n in value_args]
+
+        @functools.wraps(check)
+        def run(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                check(*args, **kwargs)
+                return
+            values = [a for a in (args[i] if i < len(args) else kwargs.get(names[i])
+                                  for i in positions) if isinstance(a, Tensor)]
+            key = _call_key(args, kwargs, values)
+            if key is not None:
+                refs = _PASSED.get((check, key))
+                if refs is not None and all(r() is not None for r in refs):
+                    return
+            ctx = check(*args, **kwargs)
+            if key is not None and (not values or ctx.values_done or ctx.user_skip):
+                _PASSED[(check, key)] = [weakref.ref(t) for t in values]
+                while len(_PASSED) > _PASSED_SIZE:
+                    _PASSED.popitem(last=False)
+        return run
+    return wrap
 
 
 def _fn_name(variant: str, kind: str) -> str:
@@ -231,9 +290,11 @@ def _expect_value(ctx: _Ctx, bad: Callable[[], Tensor], message: Callable[[Tenso
         ctx.pending.append((mask, message))
 
 
-def _run_value_checks(ctx: _Ctx):
+def _run_value_checks(ctx: _Ctx) -> _Ctx:
+    if not ctx.skip_values and ctx.reads_values:
+        ctx.values_done = True
     if not ctx.pending:
-        return
+        return ctx
     flags = torch.stack([m.any() for m, _ in ctx.pending]).tolist()  # the one host sync
     for flag, (mask, message) in zip(flags, ctx.pending):
         if flag:
@@ -242,6 +303,7 @@ def _run_value_checks(ctx: _Ctx):
         _VALIDATED[ctx.memo_key] = ctx.memo_refs
         while len(_VALIDATED) > _MEMO_SIZE:
             _VALIDATED.popitem(last=False)
+    return ctx
 
 
 def _first(mask: Tensor) -> list:
@@ -437,6 +499,7 @@ def _check_seqused_k(ctx: _Ctx, seqused_k, batch: int, capacity: Callable[[], ob
 # ------------------------------------------------------------------------------------------
 # entry points
 # ------------------------------------------------------------------------------------------
+@_memoized("window_sizes", "seqused_k", "page_table")
 def check_attn_func(variant, query, key, value, alpha, delta, softmax_scale, window_sizes,
                     softmax_threshold, gate_threshold, is_quant, out, lse, seqused_k=None,
                     page_table=None, num_splits=None, skip_checks=False):
@@ -468,9 +531,10 @@ def check_attn_func(variant, query, key, value, alpha, delta, softmax_scale, win
     _check_windows(ctx, window_sizes, heads, kv_heads)
     _check_scalars(ctx, softmax_scale, softmax_threshold, gate_threshold)
     _check_out_lse(ctx, query, out, lse, [batch, heads, seqlen_q], "[B, H, Sq]")
-    _run_value_checks(ctx)
+    return _run_value_checks(ctx)
 
 
+@_memoized("cu_seqlens_q", "cu_seqlens_k", "seqused_k", "window_sizes", "page_table")
 def check_attn_varlen_func(variant, query, key, value, alpha, delta, cu_seqlens_q, cu_seqlens_k,
                            max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale,
                            window_sizes, softmax_threshold, gate_threshold, is_quant, out, lse,
@@ -521,9 +585,11 @@ def check_attn_varlen_func(variant, query, key, value, alpha, delta, cu_seqlens_
     _check_windows(ctx, window_sizes, heads, kv_heads)
     _check_scalars(ctx, softmax_scale, softmax_threshold, gate_threshold)
     _check_out_lse(ctx, query, out, lse, [heads, total_q], "[H, total_q]")
-    _run_value_checks(ctx)
+    return _run_value_checks(ctx)
 
 
+@_memoized("cu_seqlens_k", "seqused_k", "page_table", "gather_kv_indices",
+           "window_sizes")
 def check_attn_with_kvcache_func(variant, query, key, value, alpha, delta, cu_seqlens_k,
                                  max_seqlen_k, seqused_k, page_table, k_new, v_new, delta_new,
                                  gather_kv_indices, softmax_scale, window_sizes,
@@ -626,4 +692,4 @@ def check_attn_with_kvcache_func(variant, query, key, value, alpha, delta, cu_se
     _check_windows(ctx, window_sizes, heads, kv_heads)
     _check_scalars(ctx, softmax_scale, softmax_threshold, gate_threshold)
     _check_out_lse(ctx, query, out, lse, [batch, heads], "[B, H]")
-    _run_value_checks(ctx)
+    return _run_value_checks(ctx)

@@ -37,7 +37,7 @@ from . import configs
 from .common import (LOG2E, gate_2d, gate_grad_2d, load_tile, program_tile, visible_2d,
                      walk_range, walk_start)
 from .fwd import _key_ranges, _mask_stages, _strides3
-from .launch import compiling, launch
+from .launch import buffer, buffer_like, compiling, launch, planned, replayable
 
 
 @triton.jit
@@ -692,8 +692,8 @@ def _kept_tile_lists(skip, skip_m, block_m, block_n, n_m, n_n, by_key):
     batch, heads, _, n_kb = skip.shape
     n_outer, n_inner = (n_n, n_m) if by_key else (n_m, n_n)
     dtype = torch.int16 if n_inner < 2 ** 15 else torch.int32
-    lists = torch.empty((batch, heads, n_outer, n_inner), dtype=dtype, device=skip.device)
-    counts = torch.empty((batch, heads, n_outer), dtype=torch.int32, device=skip.device)
+    lists = buffer((batch, heads, n_outer, n_inner), dtype, skip.device)
+    counts = buffer((batch, heads, n_outer), torch.int32, skip.device)
     if lists.numel() == 0:
         return lists, counts.zero_()
     chunk = min(1024, max(16, configs.next_pow2(n_inner)))
@@ -706,11 +706,32 @@ def _kept_tile_lists(skip, skip_m, block_m, block_n, n_m, n_n, by_key):
     return lists, counts
 
 
-def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q, cu_seqlens_k,
-                    seqused_k, window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale,
-                    is_causal, softmax_threshold, gate_threshold, is_logsigmoid_gate,
-                    is_adapt_gate, deterministic, config=None):
-    """`config` overrides the launch config (scripts/tune.py only)."""
+def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, config=None, **kw):
+    """(dq, dk, dv, dalpha, ddelta) of `_attn_bwd_launches` (same arguments), replayed from
+    its launch plan (`launch.planned`) on calls whose signature it has seen (`config`, for
+    tuning, always takes the long way); an fp32 dQ / dalpha accumulator cast to the input
+    dtype."""
+    args = (dout, q, k, v, out, lse, skip)
+    if config is None:
+        dq, dk, dv, dalpha, ddelta = planned(_attn_bwd_launches, args, kw,
+                                             configs.fwd_path_forced())
+    else:
+        dq, dk, dv, dalpha, ddelta = _attn_bwd_launches(*args, config=config, **kw)
+    if not compiling():
+        if dq.dtype != q.dtype:
+            dq = dq.to(q.dtype)
+        alpha = kw["alpha"]
+        if alpha is not None and dalpha.dtype != alpha.dtype:
+            dalpha = dalpha.to(alpha.dtype)
+    return dq, dk, dv, dalpha, ddelta
+
+
+def _attn_bwd_launches(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q,
+                       cu_seqlens_k, seqused_k, window_sizes, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, is_causal, softmax_threshold, gate_threshold,
+                       is_logsigmoid_gate, is_adapt_gate, deterministic, config=None):
+    """`config` overrides the launch config (scripts/tune.py only). dq (and dalpha) come
+    back as the fp32 accumulators where dQ is added atomically."""
     is_varlen = cu_seqlens_q is not None
     if is_varlen:
         batch, num_heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
@@ -720,8 +741,8 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         batch, seqlen_q, num_heads, head_dim = q.shape
         seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     has_gate = alpha is not None
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = buffer_like(k)
+    dv = buffer_like(v)
     has_skip = skip.numel() > 0 and (softmax_threshold > 0 or (has_gate and gate_threshold != 0))
     cfg = config or configs.bwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
                                        window_sizes is not None, has_gate, has_skip)
@@ -733,18 +754,18 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
     # deterministic=True: always the own pass
     atomic_dq = (configs.HOPPER_BWD_DQ[head_dim] == "atomic" if path == "hopper"
                  else cfg.atomic_dq) and not deterministic
-    dalpha = torch.zeros(alpha.shape, dtype=torch.float32 if atomic_dq else alpha.dtype,
-                         device=q.device) if has_gate else q.new_empty((0,))
-    ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=q.device) if has_gate \
-        else q.new_empty((0,))
+    dalpha = buffer(alpha.shape, torch.float32 if atomic_dq else alpha.dtype, q.device,
+                    zero=True) if has_gate else buffer((0,), q.dtype, q.device)
+    ddelta = buffer(delta.shape, delta.dtype, q.device) if has_gate \
+        else buffer((0,), q.dtype, q.device)
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_(), dalpha.zero_(), ddelta.zero_()
 
     head_dim_pad = configs.head_dim_pad(head_dim)
     is_local = window_sizes is not None
     lse = lse.contiguous()
-    di = torch.empty_like(lse)
-    lse2 = torch.empty_like(lse)
+    di = buffer_like(lse)
+    lse2 = buffer_like(lse)
     stride_l = _strides3(lse, is_varlen)  # [H, total_q] or [B, H, Sq]
     dummy = q
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, IS_VARLEN=is_varlen)
@@ -754,11 +775,11 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         if path == "hopper":
             dq_pad = configs.cdiv(seqlen_q, configs.HOPPER_BWD_TILE[0]) \
                 * configs.HOPPER_BWD_TILE[0] - seqlen_q
-        dq_acc = torch.empty((batch, seqlen_q + dq_pad) + tuple(q.shape[2:]) if not is_varlen
-                             else q.shape, dtype=torch.float32, device=q.device)
+        dq_acc = buffer((batch, seqlen_q + dq_pad) + tuple(q.shape[2:]) if not is_varlen
+                        else q.shape, torch.float32, q.device)
         dq = dq_acc[:, :seqlen_q] if dq_pad else dq_acc
     else:
-        dq = torch.empty_like(q)
+        dq = buffer_like(q)
     launch(
         _bwd_preprocess_kernel,
         (configs.cdiv(seqlen_q + dq_pad, cfg.block_m_pre), batch * num_heads),
@@ -849,8 +870,6 @@ def launch_attn_bwd(dout, q, k, v, out, lse, skip, *, alpha, delta, cu_seqlens_q
         )
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
-    if atomic_dq and not compiling():
-        dq = dq.to(q.dtype)
-        if has_gate:
-            dalpha = dalpha.to(alpha.dtype)
+    else:
+        replayable()
     return dq, dk, dv, dalpha, ddelta

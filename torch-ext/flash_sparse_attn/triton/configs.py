@@ -161,6 +161,11 @@ def fwd_path_override(path: str | None):
         _FWD_PATH[0] = old
 
 
+def fwd_path_forced():
+    """The path `fwd_path_override` forces now (None: none)."""
+    return _FWD_PATH[0]
+
+
 def fwd_path(q, k, v, hopper_covers: bool = False, variant: str = "dense") -> str:
     """The forward's kernel path, the one place it is chosen, on Hopper (sm_90) when TMA can
     address the tensors:

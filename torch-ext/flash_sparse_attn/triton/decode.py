@@ -57,7 +57,7 @@ from .configs import decode_block_m, decode_config, decode_num_splits, num_sms
 from .combine import launch_combine
 from .common import (LN2, accumulate_tile, gate, gate_max, gate_skip_threshold, load_tile,
                      online_softmax_step, page_of, softmax_skip_threshold, visible_2d)
-from .launch import launch
+from .launch import buffer, buffer_like, launch, planned, replayable
 
 # split heuristic (decode_num_splits): resident programs per SM assumed, least tiles per split
 
@@ -527,10 +527,19 @@ def _attn_decode_kernel(
         tl.store(LSE + b.to(tl.int64) * stride_lb + o_h * stride_lh, b_lse, mask=r_ok)
 
 
-def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, page_table,
-                       cu_seqlens_k, seqused_k, gather_kv_indices, window_sizes, max_seqlen_k,
-                       softmax_scale, softmax_threshold, gate_threshold, is_logsigmoid_gate,
-                       return_codes=False, config=None):
+def launch_attn_decode(q, k_cache, v_cache, *, config=None, **kw):
+    """`_attn_decode_launches` (same arguments), replayed from its launch plan
+    (`launch.planned`) on calls whose signature it has seen; `config` (tuning, benchmarks)
+    always takes the long way."""
+    if config is None:
+        return planned(_attn_decode_launches, (q, k_cache, v_cache), kw)
+    return _attn_decode_launches(q, k_cache, v_cache, config=config, **kw)
+
+
+def _attn_decode_launches(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, page_table,
+                          cu_seqlens_k, seqused_k, gather_kv_indices, window_sizes,
+                          max_seqlen_k, softmax_scale, softmax_threshold, gate_threshold,
+                          is_logsigmoid_gate, return_codes=False, config=None):
     """q [B, H, D] -> (out [B, H, D] q.dtype, lse [B, H] fp32, codes). num_splits <= 0:
     heuristic. `config` overrides the launch config (tuning / benchmarks only).
     softmax_threshold > 0 / gate_threshold != 0 (gated) skip blocks of plain caches (SPEC §7;
@@ -539,8 +548,8 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[-2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-    lse = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+    out = buffer_like(q)
+    lse = buffer((batch, num_heads), torch.float32, q.device)
     is_gather = gather_kv_indices is not None
     is_local = window_sizes is not None
     skipping = configs.decode_skips(alpha, gather_kv_indices, window_sizes, softmax_threshold,
@@ -548,9 +557,9 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
     has_threshold = skipping and softmax_threshold > 0
     gate_skip = skipping and alpha is not None and gate_threshold != 0
     write_codes = bool(return_codes) and skipping
-    codes = torch.zeros(configs.decode_codes_shape(q, k_cache, page_table, cu_seqlens_k,
-                                                   max_seqlen_k, skipping) if write_codes
-                        else [0], dtype=torch.uint8, device=q.device)
+    codes = buffer(configs.decode_codes_shape(q, k_cache, page_table, cu_seqlens_k,
+                                              max_seqlen_k, skipping) if write_codes
+                   else [0], torch.uint8, q.device, zero=write_codes)
     if batch == 0 or num_heads == 0:
         return out, lse, codes
     is_paged, is_packed, page_size, num_pages, cache_len = _layout(k_cache, page_table,
@@ -576,10 +585,8 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
     is_split = num_splits > 1
 
     if is_split:
-        o_part = torch.empty((batch * num_heads, num_splits, head_dim), dtype=torch.float32,
-                             device=q.device)
-        lse_part = torch.empty((batch * num_heads, num_splits), dtype=torch.float32,
-                               device=q.device)
+        o_part = buffer((batch * num_heads, num_splits, head_dim), torch.float32, q.device)
+        lse_part = buffer((batch * num_heads, num_splits), torch.float32, q.device)
     else:
         o_part = lse_part = lse  # placeholders, never dereferenced
 
@@ -622,4 +629,5 @@ def launch_attn_decode(q, k_cache, v_cache, *, num_splits, alpha, delta_cache, p
     )
     if is_split:
         launch_combine(o_part, lse_part, out, lse)
+    replayable()
     return out, lse, codes

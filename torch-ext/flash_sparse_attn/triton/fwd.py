@@ -38,7 +38,7 @@ from . import configs
 from .common import (LN2, accumulate_tile, gate, gate_max, gate_skip_threshold, load_tile,
                      page_of, program_tile, softmax_skip_threshold, tile_count, tile_start,
                      visible, visible_count, walk_start)
-from .launch import launch
+from .launch import buffer, buffer_like, launch, planned, replayable
 
 
 @triton.jit
@@ -600,10 +600,19 @@ def _kv_descriptor(t, is_varlen, block_n, head_dim_pad):
     return TensorDescriptor(t, shape, strides, [1, block_n, 1, head_dim_pad])
 
 
-def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                    window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
-                    softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
-                    deterministic, page_table=None, num_splits=0, config=None, path=None):
+def launch_attn_fwd(q, k, v, *, config=None, path=None, **kw):
+    """`_attn_fwd_launches` (same arguments), replayed from its launch plan
+    (`launch.planned`) on calls whose signature it has seen; `config` / `path` (tuning and
+    tests) always take the long way."""
+    if config is None and path is None:
+        return planned(_attn_fwd_launches, (q, k, v), kw, configs.fwd_path_forced())
+    return _attn_fwd_launches(q, k, v, config=config, path=path, **kw)
+
+
+def _attn_fwd_launches(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                       window_sizes, max_seqlen_q, max_seqlen_k, softmax_scale, is_causal,
+                       softmax_threshold, gate_threshold, is_logsigmoid_gate, is_adapt_gate,
+                       deterministic, page_table=None, num_splits=0, config=None, path=None):
     """`config` overrides the launch config (scripts/tune.py only); `path` the kernel path
     of configs.fwd_path ("hopper", "tma" or "portable": tests compare them). page_table
     (batched or varlen): k/v [num_pages, page_size, Hkv, D] and delta [num_pages, page_size,
@@ -623,13 +632,12 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
         if paged:
             seqlen_k = page_table.shape[1] * k.shape[1]
-    out = torch.empty_like(q)
+    out = buffer_like(q)
     lse_shape = (num_heads, q.shape[0]) if is_varlen else (batch, num_heads, seqlen_q)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    skip = torch.zeros(
-        configs.skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                           softmax_threshold > 0 or alpha is not None),
-        dtype=torch.uint8, device=q.device)
+    lse = buffer(lse_shape, torch.float32, q.device)
+    can_skip = softmax_threshold > 0 or alpha is not None
+    skip = buffer(configs.skip_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, can_skip),
+                  torch.uint8, q.device, zero=can_skip)
     if q.numel() == 0 or batch == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse, skip
@@ -655,6 +663,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
                                softmax_threshold=softmax_threshold if has_threshold else 0.0,
                                skip=skip if has_threshold else None, alpha=alpha, delta=delta,
                                is_logsigmoid_gate=is_logsigmoid_gate)
+        replayable()
         return out, lse, skip
     use_tma = path == "tma"
     cfg = config or configs.fwd_config(q, head_dim, seqlen_q, seqlen_k, is_causal,
@@ -689,7 +698,7 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
         cu_seqlens_q if is_varlen else dummy, cu_seqlens_k if is_varlen else dummy,
         seqused_k if seqused_k is not None else dummy,
         window_sizes if is_local else dummy, skip if skip.numel() else dummy,
-        torch.empty(skip.shape, dtype=torch.int32, device=q.device) if gate_skip else dummy,
+        buffer(skip.shape, torch.int32, q.device) if gate_skip else dummy,
         k_desc, v_desc, page_table if paged else dummy, o_part, lse_part,
         *_strides3(q, is_varlen), *_strides3(k, is_varlen and not paged),
         *_strides3(v, is_varlen and not paged),
@@ -716,6 +725,8 @@ def launch_attn_fwd(q, k, v, *, alpha, delta, cu_seqlens_q, cu_seqlens_k, sequse
     )
     if splits > 1:
         _combine_splits(o_part, lse_part, out, lse, is_varlen)
+    else:
+        replayable()
     return out, lse, skip
 
 
