@@ -187,29 +187,29 @@ def replayable():
         rec.ok = True
 
 
-def buffer(shape, dtype, device, zero=False):
-    """torch.empty (or torch.zeros) that a launch plan re-creates on replay."""
-    t = torch.zeros(shape, dtype=dtype, device=device) if zero else \
-        torch.empty(shape, dtype=dtype, device=device)
+def _declare(t, zero=False):
     rec = getattr(_LOCAL, "recording", None)
     if rec is not None:
         rec.buffers[id(t)] = (t, zero)
     return t
 
 
+def buffer(shape, dtype, device, zero=False):
+    """torch.empty (or torch.zeros) that a launch plan re-creates on replay."""
+    return _declare(torch.zeros(shape, dtype=dtype, device=device) if zero else
+                    torch.empty(shape, dtype=dtype, device=device), zero)
+
+
 def buffer_like(t):
     """torch.empty_like that a launch plan re-creates on replay."""
-    out = torch.empty_like(t)
-    rec = getattr(_LOCAL, "recording", None)
-    if rec is not None:
-        rec.buffers[id(out)] = (out, False)
-    return out
+    return _declare(torch.empty_like(t))
 
 
 _PLAIN = (int, float, bool, str, type(None))  # keyed by type and value as they are
 
 
-def _signature(items):
+def _signature(items, tensors):
+    """The signature of `items`; their tensors (nested lists too) appended to `tensors`."""
     key = []
     for a in items:
         t = type(a)
@@ -217,19 +217,12 @@ def _signature(items):
             key.append((t, a))
         elif isinstance(a, torch.Tensor):
             key.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16))
+            tensors.append(a)
         elif isinstance(a, (list, tuple)):
-            key.append((t, _signature(a)))
+            key.append((t, _signature(a, tensors)))
         else:
             key.append((t, a))
     return tuple(key)
-
-
-def _tensors(items, found):
-    for a in items:
-        if isinstance(a, torch.Tensor):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            _tensors(a, found)
 
 
 class _Plan:
@@ -342,14 +335,12 @@ def planned(fn, args: tuple, kwargs: dict, extra=()):
     if (compiling() or not _ENABLED or not _DRIVER or not _hooks_idle()
             or getattr(_LOCAL, "recording", None) is not None):
         return fn(*args, **kwargs)
-    key = (fn, _DRIVER[0][0](), _signature(args), _signature(kwargs.values()),
-           tuple(kwargs), extra)
+    tensors = []
+    key = (fn, _DRIVER[0][0](), _signature(args, tensors),
+           _signature(kwargs.values(), tensors), tuple(kwargs), extra)
     plan = _PLANS.get(key)
     if plan is _NO_PLAN:
         return fn(*args, **kwargs)
-    tensors = []
-    _tensors(args, tensors)
-    _tensors(kwargs.values(), tensors)
     if plan is not None:
         return plan(tensors)
     rec = _Recording()
