@@ -106,6 +106,71 @@ def test_hopper_bwd_matches_float64_and_portable(fsa, b, sq, sk, h, hkv, d, caus
         assert err <= 2 * err_p + 1e-5, (name, err, err_p)
 
 
+GATED_CASES = [
+    # b, sq, sk, h, hkv, d, causal, logsigmoid, strided gates (no gate test: gate_threshold 0)
+    (1, 1000, 1000, 8, 2, 128, True, True, False),
+    (2, 63, 200, 4, 1, 64, True, False, True),  # MQA, Sq < Sk, linear gate
+    (1, 700, 300, 4, 4, 128, False, True, True),  # Sq > Sk, MHA
+    (1, 1500, 1500, 4, 2, 64, True, True, True),
+    (1, 2048, 2048, 8, 2, 128, True, False, False),
+]
+
+
+def _gates(b, sq, sk, h, hkv, strided, seed):
+    """alpha [B, H, Sq] in [1, 2] and delta [B, Hkv, Sk] ~ N(0, 1) with every third 64-key
+    block closed (delta -100: its keys' gate is about -150), bf16 on the GPU; strided:
+    transposes of [B, S, H] tensors."""
+    g = torch.Generator().manual_seed(seed)
+    alpha = 1 + torch.rand(b, sq, h, generator=g)
+    delta = torch.randn(b, sk, hkv, generator=g)
+    delta[:, (torch.arange(sk) // 64) % 3 == 1] = -100.0
+    alpha, delta = (x.to("cuda", torch.bfloat16) for x in (alpha, delta))
+    if strided:
+        return alpha.transpose(1, 2), delta.transpose(1, 2)
+    return alpha.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the Gluon backward is the sm_90 path")
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,logsig,strided", GATED_CASES)
+def test_hopper_gated_bwd(fsa, b, sq, sk, h, hkv, d, causal, logsig, strided):
+    """Gated (SPEC §6) without the gate test: dK/dV/ddelta from the Gluon kernel, dQ/dalpha
+    from the dQ pass; against float64, within rounding of the portable backward, and bitwise
+    reproducible. (With the gate test the backward is the portable one: `bwd.py` says why.)"""
+    fwd, bwd, configs, ref = _mods(fsa)
+    q, k, v, dout = _inputs(b, sq, sk, h, hkv, d, False, sq + 3 * sk + d)
+    alpha, delta = _gates(b, sq, sk, h, hkv, strided, sq + sk)
+    assert configs.bwd_path(q, k, v, dout, hopper_covers=True) == "hopper"
+    kw = _kw(sq, sk, d, causal, 0.0)
+    kw.update(alpha=alpha, delta=delta, is_logsigmoid_gate=logsig)
+    out, lse, skip = fwd.launch_attn_fwd(q, k, v, **kw)
+    grads = bwd.launch_attn_bwd(dout, q, k, v, out, lse, skip, **kw)
+    with configs.fwd_path_override("portable"):
+        grads_p = bwd.launch_attn_bwd(dout, q, k, v, out, lse, skip, **kw)
+    again = bwd.launch_attn_bwd(dout, q, k, v, out, lse, skip, **{**kw, "deterministic": True})
+    for x, y in zip(grads, again):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+    d64 = [x.double() for x in (q, k, v, dout, alpha, delta)]
+    gkw = dict(alpha=d64[4], delta=d64[5], softmax_scale=d ** -0.5, is_causal=causal,
+               is_logsigmoid_gate=logsig)
+    ref_out, ref_lse = ref.attention_forward(*d64[:3], **gkw)
+    ref_grads = ref.attention_backward(d64[3], *d64[:3], ref_out, ref_lse, **gkw)
+    mask = visible_mask(sq, sk, causal, None, h, "cuda")
+    lowp = []
+    for i in range(b):
+        leaves = [x[i:i + 1].detach().requires_grad_() for x in (q, k, v, alpha, delta)]
+        o = torch_lowp_attention(*leaves[:3], d ** -0.5, mask, leaves[3], leaves[4], logsig)
+        lowp.append(torch.autograd.grad(o, leaves, dout[i:i + 1]))
+    lowp = [torch.cat([g[j] for g in lowp]) for j in range(5)]
+    for name, got, got_p, r, lp in zip(("dq", "dk", "dv", "dalpha", "ddelta"), grads, grads_p,
+                                       ref_grads, lowp):
+        assert got.shape == r.shape
+        assert_close_rule(name, got, r, lp)
+        err, err_p = ((x.double() - r).abs().max().item() for x in (got, got_p))
+        assert err <= 2 * err_p + 1e-5 * max(r.abs().max().item(), 1.0), (name, err, err_p)
+
+
 def test_bwd_path_dispatch(fsa):
     """CPU tensors and the interpreter take the portable backward, so does any forced path other
     than "hopper"."""

@@ -207,22 +207,29 @@ def compile_hopper(pkg):
 
 def compile_hopper_bwd(pkg):
     """The Gluon backward (triton/hopper_bwd.py): dense at both head dims with atomic dQ,
-    dense without (the dQ pass), and sparse."""
+    dense without (the dQ pass), sparse, and gated (logsigmoid with block skipping, linear)."""
     fn = importlib.import_module(f"{pkg}.triton.hopper_bwd")._attn_bwd_hopper_kernel
     lines = []
-    for d, causal, skip, atomic in ((128, True, False, True), (64, False, False, True),
-                                    (128, True, False, False), (128, True, True, True)):
+    for d, causal, skip, atomic, gate in ((128, True, False, True, None),
+                                          (64, False, False, True, None),
+                                          (128, True, False, False, None),
+                                          (128, True, True, True, None),
+                                          (128, True, True, False, "logsigmoid"),
+                                          (64, False, False, False, "linear")):
         desc = _desc(64, d)
         sig = dict(q_desc=desc, k_desc=desc, v_desc=desc, do_desc=desc, DQ="*fp32",
                    DK="*bf16", DV="*bf16", LSE2="*fp32", DI="*fp32", SKIP="*u8", LIST="*i16",
-                   COUNT="*i32", softmax_scale="fp32", scale_log2="fp32")
+                   COUNT="*i32", ALPHA="*bf16", DELTA="*fp32", DDELTA="*fp32",
+                   softmax_scale="fp32", scale_log2="fp32")
         consts = dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=causal, HAS_SKIP=skip,
-                      ATOMIC_DQ=atomic, SKIP_M=64, CONSUMER_REGS=208 if atomic else 240,
-                      DQ_REGS=88)  # as the launch sets them
+                      ATOMIC_DQ=atomic, SKIP_M=64, HAS_GATE=gate is not None,
+                      IS_LOGSIGMOID=gate == "logsigmoid",
+                      CONSUMER_REGS=208 if atomic else 240, DQ_REGS=88)  # as the launch
         ptx = _gluon_sm90(fn, sig, consts).asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
         assert ("red.global" in ptx or "atom.global" in ptx) == atomic
-        lines.append(f"hopper_bwd d{d} causal={causal} skip={skip} atomic_dq={atomic} ok")
+        lines.append(f"hopper_bwd d{d} causal={causal} skip={skip} atomic_dq={atomic} "
+                     f"gate={gate} ok")
     return lines
 
 
@@ -260,7 +267,7 @@ def test_kernels_compile_for_sm90(fsa, triton_path):
     assert all("wgmma=True" in x for x in lines if "wgmma=" in x), lines
     assert sum("decode" in x for x in lines) == 4 and "combine ok" in lines, lines
     hopper = [x for x in lines if x.startswith("hopper ")]
-    assert sum(x.startswith("hopper_bwd") and x.endswith(" ok") for x in lines) == 4, lines
+    assert sum(x.startswith("hopper_bwd") and x.endswith(" ok") for x in lines) == 6, lines
     assert len(hopper) == 6 and all(x.endswith("warps=12") for x in hopper), hopper
     if triton_path == "compat":
         # the GPU machines' Triton: the Gluon forward's consumers hold their tiles in

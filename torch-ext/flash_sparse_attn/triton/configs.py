@@ -197,7 +197,7 @@ def fwd_path(q, k, v, hopper_covers: bool = False, variant: str = "dense") -> st
 def bwd_path(q, k, v, dout, hopper_covers: bool = False) -> str:
     """The backward's kernel path, chosen here only: "hopper" (`triton/hopper_bwd.py`, the
     warp-specialised Gluon dK/dV + dQ kernel) for the calls it covers (`hopper_covers`:
-    batched, no gate, window or seqused_k; dense or sparse with 64-row skip blocks) at the
+    batched, no window or seqused_k; dense, sparse or gated, 64-row skip blocks) at the
     head dims of HOPPER_BWD_DQ on sm_90 when TMA can address q, k, v and dout; else
     "portable" (`triton/bwd.py`). fwd_path_override("hopper" / None) allows the Gluon path,
     any other forced path the portable one."""

@@ -1,5 +1,5 @@
 """Hopper (sm_90) backward, warp-specialised, written in Gluon: dK/dV, and dQ where the head dim
-allows, of dense and sparse attention (SPEC §4, §5).
+allows, of dense, sparse and gated attention (SPEC §4, §5, §6).
 
 Notation
 - A CTA owns BLOCK_N = 128 keys of one (batch, KV head): two consumer warpgroups of HALF = 64
@@ -27,11 +27,18 @@ Notation
   (`bwd._kept_tile_lists`, 64 x 128 tiles: a tile pair whose two blocks were both skipped is
   never visited); a warpgroup's 64 keys are exactly one skip block, and a block the forward
   skipped inside a visited pair gets P = 0 (masked, exact).
+- Gated (HAS_GATE): each warpgroup loads its keys' delta once and each stream position's
+  alpha (one value per thread, like lse2); the scores are K Q^T + g^T with g the portable
+  family's gate (`common.gate_2d`), and the warpgroup sums ddelta of its keys over the stream
+  (dS^T * g' * alpha, g' from `common.gate_grad_2d`, taken before the dP^T wait so that g dies
+  early: keeping g across it spilled 840 bytes, this 540). dalpha, a sum over keys, is the dQ
+  pass's, so gated never uses the atomic dQ warpgroup.
 - Masks and the query tiles a key tile visits are the portable family's (`common.visible_2d`,
   `bwd._query_ranges`), called from Gluon.
 
 Caution
-- Batched attention only (no gate, window, varlen or seqused_k), head dims 64 and 128
+- Batched attention only (no window, varlen or seqused_k; gated without the gate test, see
+  `bwd.py`), head dims 64 and 128
   (`configs.HOPPER_BWD_DQ`, which also says how each makes dQ), bf16/fp16; `configs.bwd_path`
   sends everything else to `bwd.py`.
 - K/V/Q/dO rows past the tensors' ends read as zeros (TMA) and are masked: keys past Sk by the
@@ -49,7 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from . import configs
 from .bwd import _query_ranges
-from .common import visible_2d
+from .common import gate_2d, gate_grad_2d, visible_2d
 from .hopper import _descriptor, _mma_layout, _tma_load
 from .launch import launch
 
@@ -184,13 +191,17 @@ def _bwd_dq_worker(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: g
 
 
 @gluon.jit
-def _tile_grads(b_dk, b_dv, b_k, b_v, q_buf, do_buf, b_lse2, b_di, o_k, m, m_mask,
-                kept, dist_offset, seqlen_k, scale_log2, IS_CAUSAL: gl.constexpr,
-                HAS_SKIP: gl.constexpr):
+def _tile_grads(b_dk, b_dv, b_ddelta, b_k, b_v, q_buf, do_buf, b_lse2, b_di, b_alpha, b_delta,
+                o_k, m, m_mask, kept, dist_offset, seqlen_k, scale_log2,
+                IS_CAUSAL: gl.constexpr, HAS_SKIP: gl.constexpr, HAS_GATE: gl.constexpr,
+                IS_LOGSIGMOID: gl.constexpr):
     """One stream position of a warpgroup: dV += P^T dO and dK += dS^T Q (unscaled) for its
-    keys b_k/b_v against the query tile in q_buf/do_buf; returns dK, dV and dS^T (bf16, for
-    the tile's dQ). HAS_SKIP: a block the forward skipped (not `kept`) gets P = 0, so it adds
-    nothing (a branch around the matmuls instead crashed Triton 3.6's ptxas, CUDA 12.8)."""
+    keys b_k/b_v against the query tile in q_buf/do_buf; returns dK, dV, ddelta and dS^T
+    (bf16, for the tile's dQ). HAS_SKIP: a block the forward skipped (not `kept`) gets P = 0,
+    so it adds nothing (a branch around the matmuls instead crashed Triton 3.6's ptxas, CUDA
+    12.8). HAS_GATE (SPEC §6): the scores are K Q^T + g^T, g = `common.gate_2d` of
+    delta_k * alpha_q, and ddelta of the warpgroup's keys (unscaled) gains the row sums of
+    dS^T * g' * alpha (dalpha, a sum over keys, is the dQ pass's)."""
     HALF: gl.constexpr = b_k.shape[0]
     HEAD_DIM: gl.constexpr = b_k.shape[1]
     BLOCK_M: gl.constexpr = q_buf.shape[1]
@@ -205,6 +216,14 @@ def _tile_grads(b_dk, b_dv, b_k, b_v, q_buf, do_buf, b_lse2, b_di, o_k, m, m_mas
     b_dpt = warpgroup_mma(b_v, b_do.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     col: gl.constexpr = gl.SliceLayout(0, st_layout)
     b_st = warpgroup_mma_wait(1, deps=[b_st])
+    if HAS_GATE:
+        a_col = gl.convert_layout(b_alpha, col)
+        b_g = gate_2d(b_delta[:, None] * a_col[None, :], IS_LOGSIGMOID)
+        b_st = b_st + b_g
+        if IS_LOGSIGMOID:  # g' * alpha, ddelta's weights (g itself dies here)
+            b_w = gate_grad_2d(b_g, True) * a_col[None, :]
+        else:
+            b_w = a_col[None, :]
     x = b_st * scale_log2 - gl.convert_layout(b_lse2, col)[None, :]
     if m < m_mask:
         o_q = m * BLOCK_M + gl.arange(0, BLOCK_M, layout=col)
@@ -217,16 +236,20 @@ def _tile_grads(b_dk, b_dv, b_k, b_v, q_buf, do_buf, b_lse2, b_di, o_k, m, m_mas
                          is_async=True)
     # dP^T and dV done: P^T's bf16 operand registers are free before dS^T needs its own
     b_dpt, b_dv = warpgroup_mma_wait(0, deps=[b_dpt, b_dv])
-    b_dst = (b_pt * (b_dpt - gl.convert_layout(b_di, col)[None, :])).to(dtype)
+    b_ds = b_pt * (b_dpt - gl.convert_layout(b_di, col)[None, :])
+    b_dst = b_ds.to(dtype)
     b_dk = warpgroup_mma(gl.convert_layout(b_dst, op_layout), b_q, b_dk, is_async=True)
+    if HAS_GATE:  # while dK's wgmma runs
+        b_ddelta += gl.sum(b_ds * b_w, 1)
     b_dk = warpgroup_mma_wait(0, deps=[b_dk])
-    return b_dk, b_dv, b_dst
+    return b_dk, b_dv, b_ddelta, b_dst
 
 
 @gluon.jit
-def _bwd_consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  IS_CAUSAL: gl.constexpr, HAS_SKIP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                  SKIP_M: gl.constexpr, WG: gl.constexpr):
+def _bwd_consumer(args, gates, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_SKIP: gl.constexpr,
+                  ATOMIC_DQ: gl.constexpr, SKIP_M: gl.constexpr, HAS_GATE: gl.constexpr,
+                  IS_LOGSIGMOID: gl.constexpr, WG: gl.constexpr):
     (desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, q_ready, q_empty, ds_full,
      ds_empty, b, hk, n0, seqlen_q, seqlen_k, GROUP, pointers, strides, scales) = args
     (p_lse2, p_di, p_dq, p_dk, p_dv, p_skip, p_list, p_count) = pointers
@@ -245,6 +268,13 @@ def _bwd_consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
     _, m_mask, _ = _query_tiles(k_first, seqlen_q, seqlen_k, BLOCK_M, HALF, IS_CAUSAL)
     b_dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
     b_dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+    b_ddelta = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, st_layout))
+    p_alpha, stride_ah, stride_as, p_delta, stride_ds, p_ddelta, stride_dds = gates
+    if HAS_GATE:  # this warpgroup's keys' delta (0 past Sk, where keys are masked)
+        b_delta = gl.load(p_delta + o_k * stride_ds, mask=o_k < seqlen_k,
+                          other=0.0).to(gl.float32)
+    else:
+        b_delta = b_ddelta
     mbarrier.wait(kv_bar, 0)
     b_k = k_smem.index(WG).reshape([HALF, HEAD_DIM])
     b_v = v_smem.index(WG).reshape([HALF, HEAD_DIM])
@@ -262,11 +292,16 @@ def _bwd_consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
             off_l = g * stride_lh + o_ql * stride_ls
             b_lse2 = gl.load(p_lse2 + off_l, mask=o_ql < seqlen_q, other=float("inf"))
             b_di = gl.load(p_di + off_l, mask=o_ql < seqlen_q, other=0.0)
+            if HAS_GATE:
+                b_alpha = gl.load(p_alpha + g * stride_ah + o_ql * stride_as,
+                                  mask=o_ql < seqlen_q, other=0.0).to(gl.float32)
+            else:
+                b_alpha = b_di
             mbarrier.wait(q_ready.index(s), (i // STAGES) & 1)
-            b_dk, b_dv, b_dst = _tile_grads(b_dk, b_dv, b_k, b_v, q_smem.index(s),
-                                            do_smem.index(s), b_lse2, b_di, o_k, m, m_mask,
-                                            kept, dist_offset, seqlen_k, scale_log2,
-                                            IS_CAUSAL, HAS_SKIP)
+            b_dk, b_dv, b_ddelta, b_dst = _tile_grads(
+                b_dk, b_dv, b_ddelta, b_k, b_v, q_smem.index(s), do_smem.index(s), b_lse2, b_di,
+                b_alpha, b_delta, o_k, m, m_mask, kept, dist_offset, seqlen_k, scale_log2,
+                IS_CAUSAL, HAS_SKIP, HAS_GATE, IS_LOGSIGMOID)
             mbarrier.arrive(q_empty.index(s), count=1)
             if ATOMIC_DQ:
                 # this warpgroup's dS^T half for the dQ warpgroup (buffer i % 2, once free)
@@ -285,26 +320,33 @@ def _bwd_consumer(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
              (b_dk * softmax_scale).to(p_dk.dtype.element_ty), mask=(o_kd < seqlen_k)[:, None])
     gl.store(p_dv + rows * stride_dvs + o_d[None, :], b_dv.to(p_dv.dtype.element_ty),
              mask=(o_kd < seqlen_k)[:, None])
+    if HAS_GATE:
+        gl.store(p_ddelta + o_k * stride_dds,
+                 (b_ddelta * softmax_scale).to(p_ddelta.dtype.element_ty), mask=o_k < seqlen_k)
 
 
 @gluon.jit
-def _bwd_consumer_1(args, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    IS_CAUSAL: gl.constexpr, HAS_SKIP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                    SKIP_M: gl.constexpr):
-    _bwd_consumer(args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ, SKIP_M, 1)
+def _bwd_consumer_1(args, gates, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, HAS_SKIP: gl.constexpr,
+                    ATOMIC_DQ: gl.constexpr, SKIP_M: gl.constexpr, HAS_GATE: gl.constexpr,
+                    IS_LOGSIGMOID: gl.constexpr):
+    _bwd_consumer(args, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ, SKIP_M,
+                  HAS_GATE, IS_LOGSIGMOID, 1)
 
 
 @gluon.jit
 def _attn_bwd_hopper_kernel(
-    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE2, DI, SKIP, LIST, COUNT,
-    stride_lb, stride_lh, stride_ls, stride_dqb, stride_dqs, stride_dqh,
+    q_desc, k_desc, v_desc, do_desc, DQ, DK, DV, LSE2, DI, SKIP, LIST, COUNT, ALPHA, DELTA,
+    DDELTA, stride_lb, stride_lh, stride_ls, stride_dqb, stride_dqs, stride_dqh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_sb, stride_sh, stride_sm, stride_lstb, stride_lsth, stride_lstn, stride_cb,
-    stride_ch,
+    stride_ch, stride_ab, stride_ah, stride_as, stride_db, stride_dh, stride_ds, stride_ddb,
+    stride_ddh, stride_dds,
     seqlen_q, seqlen_k, softmax_scale, scale_log2, H_KV, GROUP,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     IS_CAUSAL: gl.constexpr, HAS_SKIP: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-    SKIP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr, DQ_REGS: gl.constexpr,
+    SKIP_M: gl.constexpr, HAS_GATE: gl.constexpr, IS_LOGSIGMOID: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, DQ_REGS: gl.constexpr,
 ):
     # the key tiles of one KV head together (they share its Q/dO in L2), causal-heavy first
     n_n = gl.cdiv(seqlen_k, BLOCK_N)
@@ -350,50 +392,62 @@ def _attn_bwd_hopper_kernel(
     args = ((q_desc, k_desc, v_desc, do_desc), q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar,
             q_ready, q_empty, ds_full, ds_empty, b, hk, n0, seqlen_q, seqlen_k, GROUP, pointers,
             strides, (softmax_scale, scale_log2))
+    # gated: alpha [B, H, Sq] of the group's first query head, delta / ddelta [B, Hkv, Sk]
+    gates = (ALPHA + b64 * stride_ab + h0 * stride_ah, stride_ah, stride_as,
+             DELTA + b64 * stride_db + hk * stride_dh, stride_ds,
+             DDELTA + b64 * stride_ddb + hk * stride_ddh, stride_dds)
     # (the two lists differ by the dQ warpgroup; Gluon cannot build a partition list in parts)
     if ATOMIC_DQ:
         gl.warp_specialize([
-            (_bwd_consumer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ,
-                             SKIP_M, 0)),
-            (_bwd_consumer_1, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ,
-                               SKIP_M)),
+            (_bwd_consumer, (args, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP,
+                             ATOMIC_DQ, SKIP_M, HAS_GATE, IS_LOGSIGMOID, 0)),
+            (_bwd_consumer_1, (args, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP,
+                               ATOMIC_DQ, SKIP_M, HAS_GATE, IS_LOGSIGMOID)),
             (_bwd_producer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP)),
             (_bwd_dq_worker, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP))],
             [4, 1, 4], [CONSUMER_REGS, 24, DQ_REGS])
     else:
         gl.warp_specialize([
-            (_bwd_consumer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ,
-                             SKIP_M, 0)),
-            (_bwd_consumer_1, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP, ATOMIC_DQ,
-                               SKIP_M)),
+            (_bwd_consumer, (args, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP,
+                             ATOMIC_DQ, SKIP_M, HAS_GATE, IS_LOGSIGMOID, 0)),
+            (_bwd_consumer_1, (args, gates, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP,
+                               ATOMIC_DQ, SKIP_M, HAS_GATE, IS_LOGSIGMOID)),
             (_bwd_producer, (args, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, HAS_SKIP))],
             [4, 1], [CONSUMER_REGS, 24])
 
 
 def launch_attn_bwd_hopper(q, k, v, dout, dq, dk, dv, lse2, di, *, softmax_scale, is_causal,
-                           atomic_dq, skip=None, lists=None):
+                           atomic_dq, skip=None, lists=None, alpha=None, delta=None, ddelta=None,
+                           is_logsigmoid_gate=True):
     """Batched backward of q/dout [B, Sq, H, D], k/v [B, Sk, Hkv, D]: dk/dv (like k/v) and,
     atomic_dq, dq += (fp32 [B, Sq, H, D], zeros on entry); lse2/di [B, H, Sq] from the
     preprocess. Sparse: skip (the forward's codes) and lists = (LIST, COUNT) of
-    `bwd._kept_tile_lists` at 64 x 128 tiles."""
+    `bwd._kept_tile_lists` at 64 x 128 tiles. Gated: alpha [B, H, Sq], delta [B, Hkv, Sk] (any
+    strides) and ddelta (like delta) written; dalpha is the dQ pass's (no atomic dQ)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     block_m, block_n = configs.HOPPER_BWD_TILE
     has_skip = skip is not None
     lst, cnt = lists if has_skip else (lse2, lse2)
+    gated = alpha is not None
+    if gated and atomic_dq:
+        raise ValueError("the gated Gluon backward leaves dQ and dalpha to the dQ pass")
     grid = (configs.cdiv(seqlen_k, block_n) * batch * num_kv_heads,)
     launch(
         _attn_bwd_hopper_kernel, grid,
         _descriptor(q, block_m, head_dim), _descriptor(k, block_n // 2, head_dim),
         _descriptor(v, block_n // 2, head_dim), _descriptor(dout, block_m, head_dim),
         dq if atomic_dq else dk, dk, dv, lse2, di, skip if has_skip else lse2, lst, cnt,
+        *((alpha, delta, ddelta) if gated else (lse2, lse2, lse2)),
         *lse2.stride(), *(dq.stride()[:3] if atomic_dq else (0, 0, 0)), *dk.stride()[:3],
         *dv.stride()[:3], *(skip.stride()[:3] if has_skip else (0, 0, 0)),
         *(lst.stride()[:3] if has_skip else (0, 0, 0)), *(cnt.stride()[:2] if has_skip else (0, 0)),
+        *(alpha.stride() + delta.stride() + ddelta.stride() if gated else (0,) * 9),
         seqlen_q, seqlen_k, float(softmax_scale), float(softmax_scale) * 1.4426950408889634,
         num_kv_heads, num_heads // num_kv_heads,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=2, IS_CAUSAL=bool(is_causal),
         HAS_SKIP=has_skip, ATOMIC_DQ=bool(atomic_dq), SKIP_M=configs.skip_block_m(head_dim),
+        HAS_GATE=gated, IS_LOGSIGMOID=bool(is_logsigmoid_gate),
         # registers: the two consumers, the producer warp (24) and the dQ warpgroup share the
         # 64K of an SM; measured (H200, 16k causal D=64): 208/88 6.65 ms, 216/72 6.69
         CONSUMER_REGS=208 if atomic_dq else 240, DQ_REGS=88, num_warps=4,
